@@ -1,0 +1,119 @@
+"""Process-group set-up for torchrun or a plain single process, rank-0 printing and scalar all-reduces.
+
+Without torchrun a world of one is created on a free local port, so scripts take one code path (FSDP2 included).
+CPU uses gloo, GPU nccl. The timeout bounds every collective: if one rank dies, the others fail with an error
+instead of waiting forever.
+"""
+
+import datetime
+import os
+import random
+import socket
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class Dist(NamedTuple):
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    is_main: bool
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(seed: int = 0, timeout_s: float = 1800.0, device: str = "auto") -> Dist:
+    """Join (or create) the process group; pick the device; seed python/numpy/torch identically on every rank."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        backend = "nccl" if use_cuda else "gloo"
+        if "MASTER_ADDR" in os.environ:
+            kw = {"device_id": dev} if use_cuda else {}
+            dist.init_process_group(backend, timeout=timeout, **kw)
+        else:  # plain `python script.py`: a world of one
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                    timeout=timeout)
+    seed_all(seed)
+    return Dist(rank, local_rank, world, dev, rank == 0)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def _reduce(x: float, op) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return float(x)
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
+def all_reduce_sum(x: float) -> float:
+    return _reduce(x, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(x: float) -> float:
+    return _reduce(x, dist.ReduceOp.MAX)
+
+
+def all_reduce_min(x: float) -> float:
+    return _reduce(x, dist.ReduceOp.MIN)
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's python object, in rank order (small things only: metadata, counters, records)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

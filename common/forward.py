@@ -1,0 +1,249 @@
+"""Forward passes every stage shares: packed rows with shared prefixes, the Qwen2.5-VL image merge, chunked log-probs.
+
+A *segment* is one prompt (for SFT: one whole conversation) plus optional *branches*, continuations that all see
+the prompt but not each other (GRPO's G responses to one prompt). Segments are packed into rows:
+
+    row:    [ prompt_1 | resp_1,1 | resp_1,2 | prompt_2 | resp_2,1 | ... ]
+    attend: token i sees token j iff j <= i, same segment, and j is in the prompt or in i's own branch
+
+so each prompt is computed once per group and no padding is computed. Positions restart per segment; a branch
+continues from the end of its prompt. For Qwen2.5-VL the prompt's 3-D mRoPE positions come from the model's own
+`get_rope_index`, and the position tensor carries a leading 1-D text row as transformers expects for packed input.
+With flash-attention the mask cannot express branches, so callers pack without them (prompts repeated) and the
+varlen boundaries come from the positions.
+
+Both entry points run inside one call to the root module (`attach` registers them as FSDP forward methods), so
+every rank issues the same collectives: a text-only batch still runs the vision tower once on a dummy image,
+weighted by zero (it also keeps the vision optimizer state in existence).
+"""
+
+import inspect
+import types
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class Segment:
+    ids: torch.Tensor  # (P,) prompt token ids (SFT: the whole conversation)
+    pixel_values: torch.Tensor | None = None  # (patches, C*T*p*p) from the processor
+    image_grid_thw: torch.Tensor | None = None  # (images, 3)
+    target_mask: torch.Tensor | None = None  # (P,) bool: tokens of `ids` that are targets (SFT loss tokens)
+    branches: list = field(default_factory=list)  # [(R_k,) int64]: continuations sharing the prompt
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor  # (B, L)
+    position_ids: torch.Tensor  # (B, L) text models; (4, B, L) Qwen2.5-VL: text row + t/h/w rows
+    doc: torch.Tensor  # (B, L) segment id, -1 on padding
+    branch: torch.Tensor  # (B, L) 0 = prompt, k = k-th branch
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    pred_pos: torch.Tensor  # (M,) flat index (into B*L) of the position whose logits predict each target
+    tgt_ids: torch.Tensor  # (M,) target token ids
+    spans: list  # per segment: [prompt-target (start, end)] + [branch k (start, end)] ranges into M
+
+    def to(self, device):
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return Packed(**{k: move(v) for k, v in self.__dict__.items()})
+
+
+def rope_index(model, ids: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
+    """(3, P) mRoPE positions of one unpadded prompt, from the model's own get_rope_index (None for text LMs)."""
+    inner = model.model
+    if grid is None:
+        return torch.arange(len(ids)).expand(3, -1)
+    fn = inner.get_rope_index
+    kw = {}
+    if "mm_token_type_ids" in inspect.signature(fn).parameters:  # transformers >= 5.18 wants the modality map
+        kw["mm_token_type_ids"] = (ids == model.config.image_token_id).int()[None]
+    pos, _ = fn(ids[None].cpu(), image_grid_thw=grid.cpu(), **kw)
+    return pos[:, 0]
+
+
+def pack(segments: list[Segment], model, rows: str = "packed") -> Packed:
+    """Lay segments out as one packed row (rows='packed') or one right-padded row each (rows='padded')."""
+    vl = is_vl(model)
+    seqs = []  # per segment: (ids, pos_text, pos3, branch_ids, doc)
+    tgt_pos, tgt_ids, spans = [], [], []
+    pixel, grids = [], []
+    for s_i, seg in enumerate(segments):
+        P = len(seg.ids)
+        pos3 = rope_index(model, seg.ids, seg.image_grid_thw) if vl else None
+        parts_ids, parts_text, parts_3, parts_br = [seg.ids], [torch.arange(P)], [pos3], [torch.zeros(P, dtype=torch.long)]
+        seg_spans = []
+        # prompt targets: token t is predicted by position t-1
+        local_pred, local_tgt = [], []
+        if seg.target_mask is not None:
+            idx = torch.nonzero(seg.target_mask[1:], as_tuple=True)[0] + 1
+            local_pred.append(idx - 1)
+            local_tgt.append(seg.ids[idx])
+        seg_spans.append(sum(len(x) for x in local_tgt))
+        offset = P
+        top = int(pos3.max()) + 1 if vl else P
+        for b_i, resp in enumerate(seg.branches, start=1):
+            R = len(resp)
+            parts_ids.append(resp)
+            parts_text.append(torch.arange(P, P + R))
+            if vl:
+                parts_3.append(torch.arange(top, top + R).expand(3, -1))
+            parts_br.append(torch.full((R,), b_i, dtype=torch.long))
+            # first response token is predicted by the prompt's last position, then by its own predecessor
+            local_pred.append(torch.cat([torch.tensor([P - 1]), torch.arange(offset, offset + R - 1)]))
+            local_tgt.append(resp)
+            seg_spans.append(R)
+            offset += R
+        ids = torch.cat(parts_ids)
+        seqs.append((ids, torch.cat(parts_text), torch.cat(parts_3, dim=1) if vl else None, torch.cat(parts_br),
+                     torch.cat(local_pred) if local_pred else torch.zeros(0, dtype=torch.long),
+                     torch.cat(local_tgt) if local_tgt else torch.zeros(0, dtype=torch.long), seg_spans))
+        if seg.pixel_values is not None:
+            pixel.append(seg.pixel_values)
+            grids.append(seg.image_grid_thw)
+
+    if rows == "packed":
+        B, L = 1, sum(len(s[0]) for s in seqs)
+        starts = [(0, sum(len(s[0]) for s in seqs[:i])) for i in range(len(seqs))]
+    else:
+        B, L = len(seqs), max(len(s[0]) for s in seqs)
+        starts = [(i, 0) for i in range(len(seqs))]
+    input_ids = torch.zeros(B, L, dtype=torch.long)
+    text_pos = torch.zeros(B, L, dtype=torch.long)
+    pos3 = torch.zeros(3, B, L, dtype=torch.long) if vl else None
+    doc = torch.full((B, L), -1, dtype=torch.long)
+    branch = torch.zeros(B, L, dtype=torch.long)
+    m = 0
+    for s_i, ((r, c), (ids, tp, p3, br, pred, tgt, seg_spans)) in enumerate(zip(starts, seqs)):
+        n = len(ids)
+        input_ids[r, c : c + n], text_pos[r, c : c + n], branch[r, c : c + n] = ids, tp, br
+        doc[r, c : c + n] = s_i
+        if vl:
+            pos3[:, r, c : c + n] = p3
+        tgt_pos.append(pred + r * L + c)
+        tgt_ids.append(tgt)
+        ranges = []
+        for length in seg_spans:
+            ranges.append((m, m + length))
+            m += length
+        spans.append(ranges)
+    position_ids = torch.cat([text_pos[None], pos3], dim=0) if vl else text_pos
+    return Packed(input_ids, position_ids, doc, branch,
+                  torch.cat(pixel) if pixel else None, torch.cat(grids) if grids else None,
+                  torch.cat(tgt_pos), torch.cat(tgt_ids), spans)
+
+
+def attention_mask(doc: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) bool: causal, within a segment, never across branches. Padding rows see only themselves."""
+    L = doc.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=doc.device).tril()
+    same = doc[:, :, None] == doc[:, None, :]
+    shared = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    mask = causal & same & shared
+    mask |= torch.eye(L, dtype=torch.bool, device=doc.device)  # a padded query must see something (no NaN rows)
+    return mask[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model anatomy (transformers 5.x names)
+
+
+def is_vl(model) -> bool:
+    return hasattr(model.config, "vision_config")
+
+
+def parts(model):
+    """(text backbone, vision tower or None, lm_head) for Qwen2.5-VL and plain causal LMs."""
+    if is_vl(model):
+        return model.model.language_model, model.model.visual, model.lm_head
+    return model.model, None, model.lm_head
+
+
+def _vision(visual, pixel_values, grid):
+    out = visual(pixel_values.to(visual.patch_embed.proj.weight.dtype), grid_thw=grid)
+    return out.pooler_output if hasattr(out, "pooler_output") else out  # transformers >= 5.18 returns an output object
+
+
+def embed(model, input_ids, pixel_values=None, image_grid_thw=None):
+    """Token embeddings with image features scattered into the <|image_pad|> slots (or a zero-weighted dummy pass)."""
+    text, visual, _ = parts(model)
+    embeds = text.embed_tokens(input_ids)
+    if visual is None:
+        return embeds
+    if pixel_values is not None:
+        feats = _vision(visual, pixel_values, image_grid_thw)
+        slots = input_ids == model.config.image_token_id
+        if int(slots.sum()) != feats.shape[0]:
+            raise ValueError(f"image tokens ({int(slots.sum())}) and image features ({feats.shape[0]}) differ: "
+                             "a prompt was truncated or the policy emitted <|image_pad|>")
+        return embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
+    patch = visual.config.in_channels * visual.config.temporal_patch_size * visual.config.patch_size**2
+    m = visual.config.spatial_merge_size
+    dummy = torch.zeros(m * m, patch, device=input_ids.device)
+    feats = _vision(visual, dummy, torch.tensor([[1, m, m]], device=input_ids.device))
+    return embeds + 0.0 * feats.sum().to(embeds.dtype)
+
+
+def hidden_states(model, packed: Packed) -> torch.Tensor:
+    """(B, L, H) last hidden states of a packed or padded batch (no cache)."""
+    text, _, _ = parts(model)
+    embeds = embed(model, packed.input_ids, packed.pixel_values, packed.image_grid_thw)
+    impl = model.config._attn_implementation
+    if impl == "flash_attention_2":  # varlen boundaries come from positions restarting at 0
+        mask = None
+    else:
+        mask = attention_mask(packed.doc, packed.branch)
+        if impl == "eager":
+            mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
+                ~mask, torch.finfo(embeds.dtype).min)
+    return text(inputs_embeds=embeds, attention_mask=mask, position_ids=packed.position_ids,
+                use_cache=False).last_hidden_state
+
+
+def _logp_chunk(h, w, tgt, temperature: float):
+    logits = F.linear(h, w).float() / temperature  # (m, V) fp32
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, tgt[:, None])[:, 0] - lse
+    ent = lse - (logits.softmax(-1) * logits).sum(-1)
+    return logp, ent
+
+
+def _token_logprobs(self, packed: Packed, temperature: float = 1.0, chunk: int = 1024):
+    """(M,) log p(target) and (M,) entropy at the target positions, logits computed `chunk` rows at a time.
+
+    Each chunk is checkpointed, so peak memory holds one (chunk, vocab) fp32 block, not (tokens, vocab)."""
+    h = hidden_states(self, packed)
+    h = h.reshape(-1, h.shape[-1])[packed.pred_pos]
+    w = parts(self)[2].weight
+    out_lp, out_ent = [], []
+    for i in range(0, h.shape[0], chunk):
+        args = (h[i : i + chunk], w, packed.tgt_ids[i : i + chunk], temperature)
+        lp, ent = checkpoint(_logp_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else _logp_chunk(*args)
+        out_lp.append(lp)
+        out_ent.append(ent)
+    if not out_lp:
+        z = h.sum() * 0.0
+        return z.reshape(0).float(), z.reshape(0).float()
+    return torch.cat(out_lp), torch.cat(out_ent)
+
+
+def _decode_step(self, input_ids, position_ids, attn_2d, cache, pixel_values=None, image_grid_thw=None):
+    """One KV-cache step: (B, V) fp32 logits of the last position, and the updated cache."""
+    text, _, lm_head = parts(self)
+    embeds = embed(self, input_ids, pixel_values, image_grid_thw)
+    out = text(inputs_embeds=embeds, attention_mask=attn_2d, position_ids=position_ids, past_key_values=cache,
+               use_cache=True)
+    return lm_head(out.last_hidden_state[:, -1]).float(), out.past_key_values
+
+
+FORWARD_METHODS = ("mvl_logprobs", "mvl_decode")
+
+
+def attach(model):
+    """Give the model our two entry points as methods (so FSDP can register them as forward methods)."""
+    model.mvl_logprobs = types.MethodType(_token_logprobs, model)
+    model.mvl_decode = types.MethodType(_decode_step, model)
+    return model

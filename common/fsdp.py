@@ -1,0 +1,106 @@
+"""FSDP2 the torchtitan way: shard each decoder block and each vision block, then the root; fill from rank 0.
+
+    model = model_lib.build_meta(name)          # no memory anywhere
+    fsdp.shard(model, param_dtype="bf16")       # blocks, then root; our forward methods registered
+    fsdp.load_from_rank0(model, name, device)   # rank 0 reads the weights, everyone receives their shard
+
+Gradients are *summed* across ranks (divide factor 1): losses are normalised by global token counts instead, which
+makes the gradient independent of the world size and of the micro-batch split.
+"""
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, set_model_state_dict)
+from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard,
+                                    register_fsdp_forward_method)
+from torch.distributed.tensor import DTensor
+
+from common import forward
+from common.model import DTYPES, load_model
+
+
+def blocks(model) -> list:
+    """Decoder layers and vision blocks: the units that are sharded (and checkpointed) one by one."""
+    text, visual, _ = forward.parts(model)
+    return list(text.layers) + (list(visual.blocks) if visual is not None else [])
+
+
+def shard(model, param_dtype: str = "bf16", reduce_dtype: str = "fp32", cpu_offload: bool = False,
+          activation_checkpointing: bool = False, freeze_vision: bool = False):
+    """Activation checkpointing, then fully_shard per block, then the root (embeddings, norm, head, patch embed)."""
+    if freeze_vision and forward.is_vl(model):
+        model.model.visual.requires_grad_(False)
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
+    kw = dict(mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else None)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    for block in blocks(model):
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    for name in forward.FORWARD_METHODS:
+        register_fsdp_forward_method(model, name)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    return model
+
+
+def load_from_rank0(model, name: str, device: torch.device, trust_remote_code: bool = False) -> None:
+    """Materialise a meta-built, sharded model on `device`; rank 0 alone reads the checkpoint and broadcasts.
+
+    Non-persistent buffers (rotary inverse frequencies) are not in the state dict, so they are broadcast too."""
+    rank0 = dist.get_rank() == 0
+    full = load_model(name, dtype="bf16" if device.type == "cuda" else "fp32", device="cpu",
+                      trust_remote_code=trust_remote_code) if rank0 else None
+    model.to_empty(device=device)
+    buffers = {k: v for k, v in full.named_buffers()} if rank0 else None
+    box = [buffers]
+    dist.broadcast_object_list(box, src=0)
+    own = dict(model.named_buffers())
+    for k, v in box[0].items():
+        own[k].copy_(v.to(device))
+    sd = full.state_dict() if rank0 else {}
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full, sd
+
+
+def full_state_dict(model) -> dict:
+    """Full (unsharded) CPU state dict on rank 0 ({} elsewhere); every rank must call it."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """Global grad-norm clipping that works on DTensor shards; returns the total norm (inf/nan when non-finite)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norms = [g.norm(2.0) for g in grads]
+    # DTensor norms are partial per rank: full_tensor() sums the squares across the mesh
+    total_sq = sum((n.full_tensor() if isinstance(n, DTensor) else n).float() ** 2 for n in norms)
+    total = total_sq.sqrt()
+    if max_norm > 0 and torch.isfinite(total):
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.device))
+    return total
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Keep parameters unsharded across many forward calls (rollouts): one all-gather instead of one per step."""
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not fsdp_modules:
+        yield
+        return
+    for m in fsdp_modules:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in fsdp_modules:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()

@@ -1,0 +1,223 @@
+"""Generation engines with one interface: `hf` (our KV-cache loop, CPU or GPU, FSDP2-aware) and `vllm` (GPU).
+
+    engine.generate(prompts, n, temperature, top_p, max_new_tokens, seeds) -> [[Sample] * n] * len(prompts)
+
+The HF engine prefills each prompt once and then decodes its n samples from copies of that cache, so a group of
+n responses costs one prompt forward. Finished rows leave the batch. Each (prompt, sample) row draws its random
+numbers from its own generator seeded by (prompt seed, sample index), so what a row samples does not depend on
+which other prompts share its batch, on the number of ranks, or on where a resumed run restarts. Vision special
+tokens are never sampled.
+
+Under FSDP every rank must run the same number of forward calls (`synced=True`): ranks with fewer prompts run
+dummy prefills, and decoding continues until every rank is done.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from common import dist, forward
+from common.model import banned_token_ids, stop_token_ids
+
+
+@dataclass
+class Prompt:
+    text: str  # chat-templated prompt text, generation prompt included
+    images: list = field(default_factory=list)  # PIL images, in the order of their placeholders
+    segment: forward.Segment | None = None  # token ids + pixel values (filled by encode)
+
+
+@dataclass
+class Sample:
+    token_ids: list  # response tokens, the stop token included when the response stopped
+    text: str  # decoded with special tokens skipped (what the graders see)
+    finish_reason: str  # "stop" | "length"
+    logprobs: list | None = None  # per-token sampling log-probs (vllm engine, when asked)
+
+
+def encode(processor, tokenizer, prompt: Prompt) -> forward.Segment:
+    """Tokenise a prompt (and its images, through the processor) once; cached on the Prompt."""
+    if prompt.segment is None:
+        if processor is not None:
+            enc = processor(text=[prompt.text], images=prompt.images or None, return_tensors="pt")
+            prompt.segment = forward.Segment(enc["input_ids"][0], enc.get("pixel_values"), enc.get("image_grid_thw"))
+        else:
+            if prompt.images:
+                raise ValueError("a text-only model got a prompt with images")
+            prompt.segment = forward.Segment(tokenizer(prompt.text, return_tensors="pt", add_special_tokens=False)[
+                "input_ids"][0])
+    return prompt.segment
+
+
+def row_seed(seed: int, sample: int) -> int:
+    """A 63-bit seed for one (prompt, sample) row: splitmix64 of the pair, stable across Python runs."""
+    x = (seed * 0x9E3779B97F4A7C15 + sample + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gens: list) -> torch.Tensor:
+    """(B,) next tokens from (B, V) fp32 logits; greedy when temperature == 0; one uniform draw per row."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens]).to(probs.device)
+    cdf = probs.double().cumsum(-1)
+    u = u * cdf[:, -1]
+    return torch.searchsorted(cdf, u[:, None]).clamp(max=probs.shape[-1] - 1)[:, 0]
+
+
+class HFEngine:
+    def __init__(self, model, processor, tokenizer, batch_size: int = 8, synced: bool = False):
+        self.model, self.processor, self.tokenizer = model, processor, tokenizer
+        self.batch_size, self.synced = batch_size, synced
+        self.stop = set(stop_token_ids(tokenizer, model.generation_config))
+        self.banned = banned_token_ids(tokenizer) if forward.is_vl(model) else []
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @torch.no_grad()
+    def generate(self, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=4096, seeds=None):
+        segs = [encode(self.processor, self.tokenizer, p) for p in prompts]
+        seeds = seeds if seeds is not None else list(range(len(prompts)))
+        order = sorted(range(len(prompts)), key=lambda i: -len(segs[i].ids))  # similar lengths share a batch
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        n_batches = int(dist.all_reduce_max(len(batches))) if self.synced else len(batches)
+        results = [None] * len(prompts)
+        for b in range(n_batches):
+            idx = batches[b] if b < len(batches) else []
+            outs = self._batch([segs[i] for i in idx], [seeds[i] for i in idx], n, temperature, top_p, max_new_tokens)
+            for i, samples in zip(idx, outs):
+                results[i] = samples
+        return results
+
+    def _batch(self, segs, seeds, n, temperature, top_p, max_new_tokens):
+        model, device = self.model, next(self.model.parameters()).device
+        dummy = not segs  # this rank has no work left but must keep step with the others
+        if dummy:
+            segs, seeds, n = [forward.Segment(torch.tensor([self.pad_id]))], [0], 1
+        B, P = len(segs), max(len(s.ids) for s in segs)
+        ids = torch.full((B, P), self.pad_id, dtype=torch.long)
+        attn = torch.zeros(B, P, dtype=torch.long)
+        vl = forward.is_vl(model)
+        pos = torch.zeros((3, B, P) if vl else (B, P), dtype=torch.long)
+        next_pos = torch.zeros(B, dtype=torch.long)
+        for r, s in enumerate(segs):  # left padding: every row's last prompt token is at column P-1
+            L = len(s.ids)
+            ids[r, P - L :], attn[r, P - L :] = s.ids, 1
+            if vl:
+                p3 = forward.rope_index(model, s.ids, s.image_grid_thw)
+                pos[:, r, P - L :], next_pos[r] = p3, int(p3.max()) + 1
+            else:
+                pos[r, P - L :], next_pos[r] = torch.arange(L), L
+        pix = [s.pixel_values for s in segs if s.pixel_values is not None]
+        grid = [s.image_grid_thw for s in segs if s.image_grid_thw is not None]
+        logits, cache = model.mvl_decode(ids.to(device), pos.to(device), attn.to(device), DynamicCache(),
+                                         torch.cat(pix).to(device) if pix else None,
+                                         torch.cat(grid).to(device) if grid else None)
+        # one prefill per prompt, then n copies of its cache
+        cache.batch_repeat_interleave(n)
+        logits, attn, next_pos = logits.repeat_interleave(n, 0), attn.repeat_interleave(n, 0), next_pos.repeat_interleave(n)
+        rows = [(i, j) for i in range(B) for j in range(n)]
+        gens = [torch.Generator().manual_seed(row_seed(seeds[i], j)) for i, j in rows]
+        tokens, finish = [[] for _ in rows], ["length"] * len(rows)
+        alive = list(range(len(rows)))  # original row index of each batch row
+        idle = dummy  # True: this rank only keeps step with the others, its tokens are ignored
+        attn = attn.to(device)
+        t = -1
+        while True:  # not a for-loop: under `synced` a rank may step past its own limit to keep pace
+            t += 1
+            if self.banned:
+                logits[:, self.banned] = float("-inf")
+            nxt = sample_next(logits, temperature, top_p, [gens[r] for r in alive]).cpu()
+            still = []
+            if not idle:
+                for k, r in enumerate(alive):
+                    tokens[r].append(int(nxt[k]))
+                    if int(nxt[k]) in self.stop:
+                        finish[r] = "stop"
+                    else:
+                        still.append(k)
+            mine = bool(still) and t + 1 < max_new_tokens
+            more = dist.all_reduce_max(float(mine)) > 0 if self.synced else mine
+            if not more:
+                break
+            if not mine:  # done here, but the other ranks still decode: run one ignored row alongside them
+                still, idle = [0], True
+            if len(still) < len(alive):
+                sel = torch.tensor(still, device=device)
+                cache.batch_select_indices(sel)
+                attn, nxt, next_pos = attn[sel], nxt[still], next_pos[still]
+                alive = [alive[k] for k in still]
+            attn = torch.cat([attn, torch.ones(len(alive), 1, dtype=attn.dtype, device=device)], dim=1)
+            step_pos = (next_pos + t)[:, None]
+            step_pos = step_pos[None].expand(3, -1, -1) if vl else step_pos
+            logits, cache = model.mvl_decode(nxt[:, None].to(device), step_pos.to(device), attn, cache)
+        if dummy:
+            return []
+        out = []
+        for i in range(B):
+            out.append([Sample(tokens[i * n + j], self.tokenizer.decode(tokens[i * n + j], skip_special_tokens=True),
+                               finish[i * n + j]) for j in range(n)])
+        return out
+
+
+class VLLMEngine:
+    """vLLM (GPU only), written against vLLM 0.33.0's documented API. One engine per torchrun rank: with
+    `external_launcher` the ranks of a tensor-parallel group share one engine and the data-parallel groups each take
+    their own prompts; the engine runs in-process, so weights can be pushed to it by reference."""
+
+    def __init__(self, model: str, tokenizer, tp: int = 1, seed: int = 0, gpu_memory_utilization: float = 0.9,
+                 max_model_len: int | None = None, sleep: bool = False, external_launcher: bool = False,
+                 dummy_weights: bool = False, max_images: int = 8, is_vl: bool = True):
+        from vllm import LLM
+
+        kw = dict(model=model, tensor_parallel_size=tp, seed=seed, dtype="bfloat16", enable_sleep_mode=sleep,
+                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                  logprobs_mode="processed_logprobs", load_format="dummy" if dummy_weights else "auto")
+        if is_vl:
+            kw["limit_mm_per_prompt"] = {"image": max_images, "video": 0}
+        if external_launcher:
+            kw["distributed_executor_backend"] = "external_launcher"
+        self.llm = LLM(**kw)
+        self.banned = banned_token_ids(tokenizer) if is_vl else []
+
+    def generate(self, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=4096, seeds=None, logprobs=False):
+        from vllm import SamplingParams
+
+        seeds = seeds if seeds is not None else list(range(len(prompts)))
+        reqs = [{"prompt": p.text, "multi_modal_data": {"image": p.images}} if p.images else {"prompt": p.text}
+                for p in prompts]
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                 seed=None if temperature == 0 else s % 2**31, skip_special_tokens=True,
+                                 logit_bias={t: -100.0 for t in self.banned} or None, logprobs=0 if logprobs else None)
+                  for s in seeds]
+        results = []
+        for req_out in self.llm.generate(reqs, params, use_tqdm=False):
+            samples = []
+            for o in req_out.outputs:
+                lps = [next(iter(d.values())).logprob for d in o.logprobs] if logprobs and o.logprobs else None
+                samples.append(Sample(list(o.token_ids), o.text, "length" if o.finish_reason == "length" else "stop", lps))
+            results.append(samples)
+        return results
+
+    def load_weights(self, named_tensors) -> None:
+        """Push (name, full tensor) pairs into the in-process model, then drop caches built on the old weights."""
+
+        def _load(worker, weights):
+            worker.model_runner.model.load_weights(weights=weights)
+
+        self.llm.collective_rpc(_load, args=(list(named_tensors),))
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+
+    def sleep(self) -> None:
+        self.llm.sleep(level=2)
+
+    def wake_up(self, tags=None) -> None:
+        self.llm.wake_up(tags=tags)

