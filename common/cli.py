@@ -43,17 +43,23 @@ def coerce(name: str, raw: str, default):
 def parse(fn, argv: list[str]) -> dict:
     """Parse `--key value`, `--key=value` and bare `--flag` (bool) against fn's signature."""
     params = inspect.signature(fn).parameters
+    positional = [p for p in params if params[p].default is inspect.Parameter.empty]  # e.g. `compare A B`
     out, i = {}, 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ValueError(f"unexpected positional argument {arg!r} (flags look like --name value)")
+            free = [p for p in positional if p not in out]
+            if not free:
+                raise ValueError(f"unexpected positional argument {arg!r} (flags look like --name value)")
+            out[free[0]], i = arg, i + 1
+            continue
         key, eq, raw = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key not in params:
             known = ", ".join(f"--{p}" for p in params)
             raise ValueError(f"unknown flag --{key}. Known flags: {known}")
         default = params[key].default
+        default = "" if default is inspect.Parameter.empty else default
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if isinstance(default, bool) and (nxt is None or nxt.startswith("--")):
@@ -64,26 +70,28 @@ def parse(fn, argv: list[str]) -> dict:
                 raw, i = nxt, i + 1
         out[key] = coerce(key, raw, default)
         i += 1
+    missing = [p for p in positional if p not in out]
+    if missing:
+        raise ValueError(f"missing argument(s): {', '.join(missing)}")
     return out
 
 
 def run(target, argv: list[str] | None = None):
-    """Run a function, or one of a dict of sub-commands picked by the first word, with strictly checked flags."""
+    """Run a function, or one of a dict of sub-commands picked by the first word ("" = the default command)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = []
+    fn = target
     if isinstance(target, dict):
-        if not argv or argv[0] not in target:
-            if any(a in ("-h", "--help") for a in argv[:1]):
-                return fire.Fire(target, command=argv)
+        if argv and argv[0] in target and argv[0]:
+            fn, argv = target[argv[0]], argv[1:]
+        elif "" in target:
+            fn = target[""]
+        else:
             sys.exit(f"usage: {sys.argv[0]} {{{'|'.join(target)}}} [--flag value ...]")
-        command, fn, argv = [argv[0]], target[argv[0]], argv[1:]
-    else:
-        fn = target
     if any(a in ("-h", "--help") for a in argv):
-        return fire.Fire(target, command=command + ["--help"])
+        return fire.Fire(fn, command=["--help"])
     try:
         kwargs = parse(fn, argv)
     except ValueError as e:
         sys.exit(f"error: {e}")
     # Hand fire literals it cannot misread: repr() round-trips str/int/float/bool/None exactly.
-    fire.Fire(target, command=command + [f"--{k}={v!r}" for k, v in kwargs.items()])
+    fire.Fire(fn, command=[f"--{k}={v!r}" for k, v in kwargs.items()])

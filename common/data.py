@@ -1,0 +1,253 @@
+"""The unified MCQ schema (RECIPE §1.1): read any source, validate each row into an Item, bound images, write atomically.
+
+Row fields: images (list of images or None), question, options (a JSON *string* of {"A": "...", ...}), answer_label,
+answer, reasoning, dataset_name, dataset_index (+ hash, misc, and pass_count after curation). A row that cannot
+be used raises RowError with the reason; callers count and report it, nothing is dropped silently.
+"""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import unicodedata
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+MAX_SIDE, MIN_SIDE = 1024, 28  # training image bounds (RECIPE §1.6)
+MAX_PIXELS_DECODE = 64_000_000  # refuse to decode anything larger (decompression bombs, 20000x20000 scans)
+MAX_IMAGE_BYTES = 50 * 2**20
+MAX_QUESTION_CHARS = 16_000  # far above any benchmark question; longer ones are garbage or attacks
+SCHEMA = ("images", "question", "options", "answer_label", "answer", "reasoning", "dataset_name", "dataset_index")
+
+
+class RowError(ValueError):
+    """A row that cannot be used; the message is the reason written to reports."""
+
+
+@dataclass
+class Item:
+    question: str
+    options: dict
+    answer_label: str
+    answer: str
+    dataset_name: str
+    dataset_index: int
+    images: list = field(default_factory=list)
+    reasoning: str | None = None
+    extra: dict = field(default_factory=dict)  # pass_count, misc, ...
+
+
+def features(with_images: bool = True):
+    """datasets Features of the unified schema."""
+    from datasets import Features, Image as DImage, List, Value
+
+    cols = {"question": Value("string"), "options": Value("string"), "answer_label": Value("string"),
+            "answer": Value("string"), "reasoning": Value("string"), "dataset_name": Value("string"),
+            "dataset_index": Value("int64"), "hash": Value("string"), "misc": Value("string")}
+    if with_images:
+        cols = {"images": List(DImage()), **cols}
+    return Features(cols)
+
+
+def load_rows(source: str, split: str = "test"):
+    """A datasets.Dataset from a save_to_disk folder, parquet file/folder, jsonl/json file, or a hub id."""
+    import datasets
+
+    if os.path.isdir(source):
+        if os.path.exists(os.path.join(source, "dataset_dict.json")):
+            return datasets.load_from_disk(source)[split]
+        if os.path.exists(os.path.join(source, "state.json")):
+            return datasets.load_from_disk(source)
+        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(source) for f in fs if f.endswith(".parquet"))
+        if not files:
+            raise FileNotFoundError(f"{source}: no save_to_disk dataset and no .parquet files inside")
+        return datasets.load_dataset("parquet", data_files=files, split="train")
+    if os.path.isfile(source):
+        kind = "parquet" if source.endswith(".parquet") else "json"
+        return datasets.load_dataset(kind, data_files=source, split="train")
+    if source.startswith((".", "/")) or source.endswith((".parquet", ".jsonl", ".json")):
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    return datasets.load_dataset(source, split=split)
+
+
+def _no_dupes(pairs):
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise RowError(f"options repeat a letter: {keys}")
+    return dict(pairs)
+
+
+def _text(row, key, required=True) -> str | None:
+    v = row.get(key)
+    if v is None:
+        if required:
+            raise RowError(f"missing field '{key}'")
+        return None
+    if not isinstance(v, str):
+        raise RowError(f"field '{key}' is {type(v).__name__}, not str")
+    bad = [c for c in v if unicodedata.category(c) in ("Cc", "Cs", "Co") and c not in "\n\r\t"]
+    if bad:
+        raise RowError(f"field '{key}' has control/surrogate characters ({len(bad)}, e.g. {bad[0]!r})")
+    return v
+
+
+def parse_options(raw) -> dict:
+    """JSON string (or dict) -> {letter: text}; at least two non-empty options, unique letters."""
+    if isinstance(raw, str):
+        try:
+            opts = json.loads(raw, object_pairs_hook=_no_dupes)
+        except json.JSONDecodeError as e:
+            raise RowError(f"options are not valid JSON ({e.msg})") from None
+    else:
+        opts = raw
+    if not isinstance(opts, dict):
+        raise RowError(f"options must be a JSON object of letter -> text, got {type(opts).__name__}")
+    if len(opts) < 2:
+        raise RowError(f"options need at least 2 entries, got {len(opts)}")
+    for k, v in opts.items():
+        if not isinstance(k, str) or not k.strip() or not isinstance(v, str) or not v.strip():
+            raise RowError(f"option {k!r} is empty or not text")
+    return opts
+
+
+def load_image(value, root: str | None = None) -> Image.Image:
+    """PIL image from a PIL image, a datasets {'bytes','path'} dict, raw bytes, or a path inside `root`; RGB."""
+    if isinstance(value, Image.Image):
+        img = value
+    else:
+        data = None
+        if isinstance(value, dict):
+            data, value = value.get("bytes"), value.get("path")
+        if isinstance(value, (bytes, bytearray)):
+            data = bytes(value)
+        if data is None:
+            if not isinstance(value, str) or not value:
+                raise RowError("image entry is neither bytes nor a path")
+            path = safe_path(root, value)
+            if not os.path.isfile(path):
+                raise RowError(f"image file not found: {value}")
+            if os.path.getsize(path) > MAX_IMAGE_BYTES:
+                raise RowError(f"image file over {MAX_IMAGE_BYTES >> 20} MiB: {value}")
+            with open(path, "rb") as f:
+                data = f.read()
+        if not data:
+            raise RowError("image is zero bytes")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Exception as e:  # PIL raises several types for unreadable data
+            raise RowError(f"image cannot be decoded ({type(e).__name__})") from None
+    w, h = img.size
+    if w * h > MAX_PIXELS_DECODE:
+        raise RowError(f"image too large: {w}x{h}")
+    if w < 1 or h < 1:
+        raise RowError(f"image has no pixels: {w}x{h}")
+    try:
+        img.load()
+        return to_rgb(img)
+    except Exception as e:
+        raise RowError(f"image is truncated or corrupt ({type(e).__name__}: {e})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB for any mode: 16-bit grey is scaled to 8 bits (PIL's own convert clips it), CMYK/P/LA via convert."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = np.zeros_like(a) if hi == lo else (a - lo) * (255.0 / (hi - lo))
+        img = Image.fromarray(a.astype("uint8"), mode="L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def safe_path(root: str | None, rel: str) -> str:
+    """Resolve `rel` under `root`; refuse absolute paths and anything that escapes the root (.., symlinks)."""
+    if root is None:
+        raise RowError(f"image path {rel!r} given but the source has no folder to resolve it in")
+    base = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(base, rel))
+    if os.path.isabs(rel) or os.path.commonpath([base, full]) != base:
+        raise RowError(f"image path escapes the data folder: {rel!r}")
+    return full
+
+
+def bound_image(img: Image.Image, max_side: int = MAX_SIDE, min_side: int = MIN_SIDE) -> Image.Image:
+    """RECIPE §1.6: a side under 28 -> shortest side to 28; else a side over 1024 -> longest side to 1024 (bilinear)."""
+    w, h = img.size
+    if h < min_side or w < min_side:
+        s = min_side / min(w, h)
+        img = img.resize((max(min_side, int(w * s)), max(min_side, int(h * s))), Image.BILINEAR)
+    elif h > max_side or w > max_side:
+        s = max_side / max(w, h)
+        img = img.resize((max(1, int(w * s)), max(1, int(h * s))), Image.BILINEAR)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def parse_row(row: dict, root: str | None = None, need_images: bool = True) -> Item:
+    """Validate one unified-schema row into an Item, or raise RowError saying why it cannot be used."""
+    if not isinstance(row, dict):
+        raise RowError(f"row is {type(row).__name__}, not an object")
+    question = _text(row, "question")
+    if not question.strip():
+        raise RowError("empty question")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise RowError(f"question is {len(question)} characters (limit {MAX_QUESTION_CHARS})")
+    options = parse_options(row.get("options") if row.get("options") is not None else _text(row, "options"))
+    label = _text(row, "answer_label").strip()
+    if label not in options:
+        raise RowError(f"answer_label {label!r} is not among the options {list(options)}")
+    answer = _text(row, "answer")
+    if answer.strip() != options[label].strip():
+        raise RowError(f"answer {answer[:60]!r} differs from option {label} {options[label][:60]!r}")
+    name = _text(row, "dataset_name")
+    index = row.get("dataset_index")
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise RowError(f"dataset_index must be an integer, got {index!r}")
+    reasoning = _text(row, "reasoning", required=False)
+    raw_images = row.get("images") or []
+    if not isinstance(raw_images, (list, tuple)):
+        raise RowError("images must be a list")
+    images = [load_image(v, root) for v in raw_images] if need_images else []
+    extra = {k: row[k] for k in row if k not in SCHEMA}
+    return Item(question, options, label, answer, name, index, images, reasoning, extra)
+
+
+def to_row(item: Item, keep_images: bool = True) -> dict:
+    """Item -> unified-schema row (options serialised with json.dumps(..., ensure_ascii=False))."""
+    return {"images": item.images if keep_images else None, "question": item.question,
+            "options": json.dumps(item.options, ensure_ascii=False), "answer_label": item.answer_label,
+            "answer": item.answer, "reasoning": item.reasoning, "dataset_name": item.dataset_name,
+            "dataset_index": item.dataset_index,
+            "hash": hashlib.sha256(f"{item.question}{item.answer}".encode()).hexdigest()[:16],
+            "misc": _misc(item.extra.get("misc"))}
+
+
+def _misc(v):
+    return v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+
+
+def atomic_dir(final: str):
+    """A temp folder next to `final`, and a commit() that swaps it in (a rename; nothing half-written is left)."""
+    tmp = final.rstrip("/") + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+
+    def commit():
+        old = final.rstrip("/") + f".old-{os.getpid()}"
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    return tmp, commit
+
+
+def write_json(path: str, obj) -> None:
+    """Write JSON through a temp file and a rename."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path)

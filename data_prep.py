@@ -1,0 +1,842 @@
+"""Data for the recipe (RECIPE §1-2): every source into one schema, difficulty curation by pass count, sample data.
+
+Each sub-command reads a source and writes a folder: data.parquet (unified schema + prompt_tokens), manifest.json
+(source, rows in/out, drop reasons with counts, content hash, flags) and rejects.jsonl (every row that could not be
+used, with its source row and reason). Folders are written to a temp path and renamed, so a killed run leaves the
+old folder or none, never half of one.
+
+    python data_prep.py sample --out data/sample                   # bundled demo/test data (written by this project)
+    python data_prep.py eval --out data/eval                       # UCSC-VLAA/MedVLThinker-Eval (hub or local copy)
+    python data_prep.py eval --vqa_rad ../shared/data/real/vqa_rad --out data/eval_raw   # or from raw benchmark files
+    python data_prep.py text --medqa medqa/train.jsonl --headqa headqa/train_HEAD_EN.json --out data/text
+    python data_prep.py pmc_vqa --csv PMC-VQA/train.csv --images PMC-VQA/images --out data/pmc_vqa
+    torchrun --nproc_per_node 8 data_prep.py passrate --data data/text --model 3b --engine vllm --out data/passrate
+    python data_prep.py filter --data data/text --passrate data/passrate --out data/text_e2h   # keep 1..7 of 16
+    python data_prep.py sft --data data/pmc_vqa --traces gpt4o_rollouts/items.jsonl --out data/pmc_vqa_sft
+    python data_prep.py decontaminate --train data/text --eval data/eval --drop true --out data/text_clean
+
+Closed PathVQA/SLAKE/VQA-RAD questions become MCQs by rule (yes/no -> Yes/No; "X or Y" -> the alternatives named
+in the question); anything else is reported and skipped. Upstream asked GPT-4o instead: to reproduce the paper's
+numbers exactly use the released eval set (`eval` with no raw flags).
+"""
+
+import ast
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import time
+from collections import Counter
+
+from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
+
+from common import cli, dist, grading, prompts
+from common.data import (RowError, atomic_dir, bound_image, features, load_image, load_rows, parse_options, parse_row,
+                         to_row, write_json)
+from common.sample_facts import FACTS
+
+# -----------------------------------------------------------------------------------------------------------------
+# Rule-based options for closed VQA questions
+
+YES_NO = {"yes", "no"}
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def closed_options(question: str, answer: str) -> dict:
+    """Options for a CLOSED question: Yes/No, or the alternatives of an 'X or Y' / 'X, Y, or Z' question.
+
+    The alternatives are the fewest words around ' or ' (1..3 each side, optionally sharing the word after the
+    right one: 'left or right side' -> left side / right side) such that the answer is one of them."""
+    a = answer.strip().lower()
+    if a in YES_NO:
+        return {"A": "Yes", "B": "No"}
+    q = question.strip().rstrip("?").strip()
+    m = re.search(r"\s+or\s+", q, flags=re.IGNORECASE)
+    if not m:
+        raise RowError(f"closed question is neither yes/no nor 'X or Y': {question[:80]!r} -> {answer[:40]!r}")
+    left, right = q[: m.start()].rstrip(","), q[m.end() :]
+    lw, rw = left.split(), right.split()
+    heads = [w.rstrip(",") for w in lw]
+    candidates = []
+    # 'A, B, or C': comma-separated items before ' or ', each as long as the last one
+    if "," in left:
+        items = [x.strip() for x in left.split(",")]
+        width = len(items[-1].split())
+        first = " ".join(items[0].split()[-width:])
+        for k in range(1, 4):
+            candidates.append([first] + items[1:] + [" ".join(rw[:k])])
+    for j in range(1, 4):
+        for k in range(1, 4):
+            candidates.append([" ".join(heads[-j:]), " ".join(rw[:k])])
+            if len(rw) > k:  # shared trailing word: 'left or right side'
+                candidates.append([" ".join(heads[-j:] + rw[k : k + 1]), " ".join(rw[: k + 1])])
+    for opts in candidates:
+        clean = [re.sub(r"^(a|an|the)\s+", "", o.strip(" ,.;:"), flags=re.IGNORECASE) for o in opts]
+        if all(clean) and len({c.lower() for c in clean}) == len(clean) and a in {c.lower() for c in clean}:
+            return {chr(65 + i): _cap(c) for i, c in enumerate(clean)}
+    raise RowError(f"answer {answer[:40]!r} is not one of the alternatives in {question[:80]!r}")
+
+
+def closed_row(question: str, answer: str, images, name: str, index: int, misc=None) -> dict:
+    opts = closed_options(question, answer)
+    label = next(k for k, v in opts.items() if v.lower() == answer.strip().lower())
+    return {"images": images, "question": question.strip(), "options": opts, "answer_label": label,
+            "answer": opts[label], "reasoning": None, "dataset_name": name, "dataset_index": index, "misc": misc}
+
+
+def _mcq(question, options, label, name, index, images=None, reasoning=None, misc=None) -> dict:
+    return {"images": images, "question": question, "options": options, "answer_label": label,
+            "answer": options.get(label, "") if isinstance(options, dict) else "", "reasoning": reasoning,
+            "dataset_name": name, "dataset_index": index, "misc": misc}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Converters: each returns (root folder for image paths, [(source row, raw unified row or RowError)])
+
+
+def _jsonl(path):
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield i, RowError(f"line is not JSON ({e.msg})")
+
+
+def _options_field(v):
+    """medagents files store options as a JSON object; tolerate a Python-literal string."""
+    if isinstance(v, str):
+        try:
+            v = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            raise RowError("options string does not parse") from None
+    return v
+
+
+def medqa_rows(path, name="medqa"):
+    """MedQA-USMLE (jind11 / medagents layout): question, options {A..}, answer_idx, answer."""
+    out = []
+    for i, r in _jsonl(path):
+        if isinstance(r, RowError):
+            out.append((i, r))
+            continue
+        try:
+            out.append((i, _mcq(r.get("question"), _options_field(r.get("options")), r.get("answer_idx"), name, i,
+                                misc={"source_id": r.get("realidx")})))
+        except RowError as e:
+            out.append((i, e))
+    return None, out
+
+
+def medxpertqa_text_rows(path):
+    """MedXpertQA Text (medagents layout): the question carries '\\nAnswer Choices: ...', which is cut off."""
+    root, rows = medqa_rows(path, "medxpertqa_text")
+    for _, r in rows:
+        if isinstance(r, dict) and isinstance(r["question"], str):
+            r["question"] = r["question"].split("\nAnswer Choices: ")[0].strip()
+    return root, rows
+
+
+def headqa_rows(path):
+    """HEAD-QA English: exams -> questions with answers [{aid, atext}] and ra; questions tied to images are skipped."""
+    with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    out, i = [], 0
+    for exam in d.get("exams", {}).values():
+        for q in exam.get("data", []):
+            if q.get("image"):
+                out.append((i, RowError("question refers to an image that HEAD-QA does not ship")))
+            else:
+                try:
+                    opts = {chr(64 + int(a["aid"])): a["atext"] for a in q["answers"]}
+                    out.append((i, _mcq(q["qtext"], opts, chr(64 + int(q["ra"])), "headqa", i,
+                                        misc={"source_id": f"{exam.get('name')}/{q.get('qid')}"})))
+                except (KeyError, ValueError, TypeError) as e:
+                    out.append((i, RowError(f"malformed HEAD-QA question ({type(e).__name__}: {e})")))
+            i += 1
+    return None, out
+
+
+def pubmedqa_rows(path, with_context=True):
+    """PubMedQA PQA-L: yes/no/maybe; the abstract's contexts precede the question unless with_context is false."""
+    with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    out = []
+    opts = {"A": "yes", "B": "no", "C": "maybe"}
+    for i, (pmid, r) in enumerate(d.items()):
+        q = r.get("QUESTION")
+        if with_context and isinstance(q, str):
+            q = "\n".join(r.get("CONTEXTS", [])) + "\n\n" + q
+        label = {v: k for k, v in opts.items()}.get(r.get("final_decision"))
+        if label is None:
+            out.append((i, RowError(f"final_decision {r.get('final_decision')!r} is not yes/no/maybe")))
+        else:
+            out.append((i, _mcq(q, opts, label, "pubmedqa", i, misc={"source_id": pmid})))
+    return None, out
+
+
+def vqa_rad_rows(folder):
+    """VQA-RAD OSF release: 'VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder/'; CLOSED questions only."""
+    with open(os.path.join(folder, "VQA_RAD Dataset Public.json"), encoding="utf-8") as f:
+        rows = json.load(f)
+    out = []
+    for i, r in enumerate(rows):
+        if str(r.get("answer_type", "")).strip() != "CLOSED":
+            continue
+        try:
+            out.append((i, closed_row(str(r["question"]), str(r["answer"]),
+                                      [os.path.join("VQA_RAD Image Folder", r["image_name"])], "vqa_rad_closed", i,
+                                      misc={"qid": r.get("qid")})))
+        except RowError as e:
+            out.append((i, e))
+        except KeyError as e:
+            out.append((i, RowError(f"missing field {e}")))
+    return folder, out
+
+
+def slake_rows(folder, split="test"):
+    """SLAKE 1.0: {split}.json + imgs/; English CLOSED questions only."""
+    with open(os.path.join(folder, f"{split}.json"), encoding="utf-8") as f:
+        rows = json.load(f)
+    out = []
+    for i, r in enumerate(rows):
+        if r.get("q_lang", "en") != "en" or str(r.get("answer_type", "")).strip().upper() != "CLOSED":
+            continue
+        try:
+            out.append((i, closed_row(r["question"], str(r["answer"]), [os.path.join("imgs", r["img_name"])],
+                                      "slake_closed", i, misc={"qid": r.get("qid")})))
+        except (RowError, KeyError) as e:
+            out.append((i, e if isinstance(e, RowError) else RowError(f"missing field {e}")))
+    return folder, out
+
+
+def pathvqa_rows(path):
+    """PathVQA as parquet (image, question, answer): the yes/no questions are its CLOSED set."""
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=path, split="train")
+    out = []
+    for i, r in enumerate(ds):
+        if str(r["answer"]).strip().lower() in YES_NO:
+            out.append((i, closed_row(r["question"], str(r["answer"]), [r["image"]], "pathvqa_closed", i)))
+    return None, out
+
+
+def mmmu_rows(path):
+    """MMMU parquet (health & medicine subsets): multiple-choice only; <image N> placeholders removed."""
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=path, split="train")
+    out = []
+    for i, r in enumerate(ds):
+        if r.get("question_type") != "multiple-choice":
+            continue
+        try:
+            choices = ast.literal_eval(r["options"])
+            opts = {chr(65 + k): str(c) for k, c in enumerate(choices)}
+            images = [r[f"image_{k}"] for k in range(1, 8) if r.get(f"image_{k}") is not None]
+            q = re.sub(r"\s*<image \d+>\s*", "", r["question"]).strip()
+            out.append((i, _mcq(q, opts, str(r["answer"]).strip(), "MMMU-medical", i, images,
+                                misc={"id": r.get("id"), "subfield": r.get("subfield")})))
+        except (ValueError, SyntaxError, KeyError) as e:
+            out.append((i, RowError(f"malformed MMMU row ({type(e).__name__})")))
+    return None, out
+
+
+def medxpertqa_mm_rows(path, image_dir):
+    """MedXpertQA MM jsonl (question with '\\nAnswer Choices:', options, label, images=[file names])."""
+    out = []
+    for i, r in _jsonl(path):
+        if isinstance(r, RowError):
+            out.append((i, r))
+            continue
+        q = r.get("question")
+        q = q.split("\nAnswer Choices: ")[0].strip() if isinstance(q, str) else q
+        out.append((i, _mcq(q, r.get("options"), r.get("label"), "MedXpertQA-MM", i, list(r.get("images") or []),
+                            misc={"id": r.get("id")})))
+    return image_dir, out
+
+
+STRIP = " \t\n\r\x0b\x0c'\"\xa0\u200a"  # RECIPE §1.4: string.whitespace + quotes + nbsp + hair space
+
+
+def pmc_vqa_rows(csv_path, image_dir, name="pmc_vqa"):
+    """PMC-VQA csv (Figure_path, Question, Answer, Answer_label, Choice A..D) with the upstream cleaning rules."""
+    out = []
+    with open(csv_path, encoding="utf-8", newline="") as f:
+        for i, r in enumerate(csv.DictReader(f)):
+            try:
+                opts = {}
+                for letter in "ABCD":
+                    cell = (r.get(f"Choice {letter}") or "").strip(STRIP)
+                    prefix, sep, text = cell.partition(":")
+                    if not sep or prefix.strip(STRIP) != letter:
+                        raise RowError(f"choice {letter} is not labelled '{letter}:' ({cell[:30]!r})")
+                    opts[letter] = text.strip(STRIP)
+                label = (r.get("Answer_label") or "").strip(STRIP)
+                if label not in opts:
+                    raise RowError(f"Answer_label {label!r} not in A-D")
+                if opts[label] != (r.get("Answer") or "").strip(STRIP):
+                    raise RowError("Answer differs from its choice")
+                out.append((i, _mcq(r["Question"].strip(STRIP), opts, label, name, i, [r["Figure_path"].strip()])))
+            except RowError as e:
+                out.append((i, e))
+            except (KeyError, AttributeError) as e:
+                out.append((i, RowError(f"missing column {e}")))
+    return image_dir, out
+
+
+def unified_rows(source, split="test"):
+    """Rows already in the unified schema (a hub dataset or a local copy)."""
+    ds = load_rows(source, split)
+    root = source if os.path.isdir(source) else None
+
+    def rows():
+        for i in range(len(ds)):
+            try:
+                yield i, ds[i]
+            except Exception as e:  # undecodable cell
+                yield i, RowError(f"unreadable row ({type(e).__name__})")
+
+    return root, list(rows()) if len(ds) < 200_000 else rows()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Bundled sample data: written by this project, images drawn here (nothing binary is committed)
+
+
+def draw_scan(rng: random.Random, spots: list, size: int = 112) -> Image.Image:
+    """A grey 'scan': noisy elliptical body on black, with bright round 'lesions' at the given (x, y, r) spots."""
+    img = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(img)
+    d.ellipse([8, 12, size - 8, size - 12], fill=70 + rng.randint(-10, 10))
+    for x, y, r in spots:
+        d.ellipse([x - r, y - r, x + r, y + r], fill=230)
+    noise = Image.effect_noise((size, size), 12)
+    img = Image.blend(img, noise, 0.15).filter(ImageFilter.GaussianBlur(0.8))
+    return img.convert("RGB")
+
+
+def sample_image_items(rng: random.Random, n: int) -> list:
+    kinds = ["side", "quadrant", "count"]
+    out = []
+    for i in range(n):
+        kind = kinds[i % 3]
+        s = 112
+        if kind == "side":
+            left = rng.random() < 0.5
+            x = rng.randint(24, 44) if left else rng.randint(68, 88)
+            img = draw_scan(rng, [(x, rng.randint(36, 76), 8)])
+            q, opts = "Which side of the image holds the bright lesion?", {"A": "Left", "B": "Right"}
+            label, why = ("A" if left else "B"), f"The bright round focus lies in the {'left' if left else 'right'} half."
+        elif kind == "quadrant":
+            k = rng.randrange(4)
+            x = rng.randint(26, 44) if k in (0, 2) else rng.randint(68, 86)
+            y = rng.randint(26, 44) if k in (0, 1) else rng.randint(68, 86)
+            img = draw_scan(rng, [(x, y, 7)])
+            opts = {"A": "Upper left", "B": "Upper right", "C": "Lower left", "D": "Lower right"}
+            q, label = "Which quadrant of the image contains the lesion?", "ABCD"[k]
+            why = f"The only bright spot is in the {opts[label].lower()} quadrant."
+        else:
+            c = rng.randint(1, 3)
+            xs = rng.sample([26, 46, 66, 86], c)
+            img = draw_scan(rng, [(x, rng.randint(40, 72), 6) for x in xs])
+            q, opts = "How many bright nodules are visible?", {"A": "1", "B": "2", "C": "3"}
+            label, why = str("ABC"[c - 1]), f"Counting the separate bright round spots gives {c}."
+        assert img.size == (s, s)
+        out.append({"images": [img], "question": q, "options": opts, "answer_label": label, "answer": opts[label],
+                    "reasoning": why, "dataset_name": "sample_image", "dataset_index": i, "misc": {"kind": kind}})
+    return out
+
+
+def sample_text_items(rng: random.Random) -> list:
+    out = []
+    for i, (q, correct, wrong, why) in enumerate(FACTS):
+        choices = wrong[:]
+        pos = rng.randrange(4)
+        choices.insert(pos, correct)
+        opts = {chr(65 + k): c for k, c in enumerate(choices)}
+        out.append({"images": None, "question": q, "options": opts, "answer_label": chr(65 + pos), "answer": correct,
+                    "reasoning": why, "dataset_name": "sample_text", "dataset_index": i, "misc": None})
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Writing: validate, bound images, count prompt tokens, drop over-long prompts, write data + manifest + rejects
+
+
+def prompt_tokens(processor, tokenizer, item) -> int:
+    """Prompt length in tokens, image tokens included (at the processor's own max_pixels)."""
+    owner = processor if processor is not None else tokenizer
+    text = prompts.render(owner, prompts.messages(item.question, item.options, len(item.images), processor is not None))
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if item.images:
+        ip = processor.image_processor
+        merge = getattr(ip, "merge_size", 2)
+        for img in item.images:
+            n += ip.get_number_of_image_patches(img.height, img.width, {}) // merge**2 - 1  # minus the placeholder
+    return n
+
+
+def _process(raw, root, bound, counter):
+    """((unified row, prompt tokens), None) or (None, reason) for one raw row; raw['_root'] overrides root."""
+    if isinstance(raw, RowError):
+        return None, str(raw)
+    try:
+        raw = dict(raw)
+        root = raw.pop("_root", root)
+        if isinstance(raw.get("options"), dict):
+            raw["options"] = json.dumps(raw["options"], ensure_ascii=False)
+        item = parse_row(raw, root)
+        if bound:
+            item.images = [bound_image(im) for im in item.images]
+        return (to_row(item), counter(item) if counter else -1), None
+    except RowError as e:
+        return None, str(e)
+
+
+def reason_kind(reason: str) -> str:
+    """A reject reason with its row-specific values blanked, for counting."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"|\b\d+\b", "_", reason)[:80]
+
+
+def write_set(rows, out: str, flags: dict, source: str, root=None, bound: bool = True, tokenizer: str = "",
+              max_prompt_length: int = 2048, extra_columns: dict | None = None, rejects_in: list | None = None,
+              trust_remote_code: bool = False) -> dict:
+    """Validate and write rows [(source_row, raw)] to `out` atomically; return the manifest."""
+    import datasets
+
+    counter = None
+    if tokenizer:
+        from common.model import load_processor
+
+        processor, tok = load_processor(tokenizer, trust_remote_code)
+        counter = lambda item: prompt_tokens(processor, tok, item)  # noqa: E731
+    tmp, commit = atomic_dir(out)
+    rejects = list(rejects_in or [])
+    feats = features()
+    feats["prompt_tokens"] = datasets.Value("int32")
+    for k, v in (extra_columns or {}).items():
+        feats[k] = v[0]
+    kept_names, n_in, lengths = Counter(), 0, []
+
+    def gen():
+        nonlocal n_in
+        for src, raw in tqdm(rows, desc=f"write {os.path.basename(out)}", unit="row", dynamic_ncols=True):
+            n_in += 1
+            got, reason = _process(raw, root, bound, counter)
+            name = raw.get("dataset_name") if isinstance(raw, dict) else None
+            index = raw.get("dataset_index") if isinstance(raw, dict) else None
+            if got is not None and counter is not None and got[1] > max_prompt_length:
+                got, reason = None, f"prompt too long ({got[1]} tokens > {max_prompt_length})"
+            if got is None:
+                label, row_no = src if isinstance(src, tuple) else (source, src)
+                rejects.append({"source": label, "source_row": row_no, "dataset_name": name, "dataset_index": index,
+                                "reason": reason})
+                continue
+            row, n = got
+            row["prompt_tokens"] = n
+            for k, v in (extra_columns or {}).items():
+                row[k] = v[1](row)
+            kept_names[row["dataset_name"]] += 1
+            lengths.append(n)
+            yield row
+
+    ds = datasets.Dataset.from_generator(gen, features=feats, cache_dir=os.path.join(tmp, ".cache"))
+    ds.to_parquet(os.path.join(tmp, "data.parquet"))
+    del ds
+    import shutil
+
+    shutil.rmtree(os.path.join(tmp, ".cache"), ignore_errors=True)
+    with open(os.path.join(tmp, "rejects.jsonl"), "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
+    h = hashlib.sha256()
+    with open(os.path.join(tmp, "data.parquet"), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    n_conv = len(rejects_in or [])
+    manifest = {"source": source, "rows_in": n_in + n_conv, "rows_out": sum(kept_names.values()),
+                "rows_rejected": len(rejects), "reject_reasons": dict(Counter(reason_kind(r["reason"]) for r in rejects)),
+                "per_dataset": dict(kept_names), "prompt_tokens": {
+                    "checked_with": tokenizer or None, "max_prompt_length": max_prompt_length if tokenizer else None,
+                    "max": max(lengths) if lengths and counter else None,
+                    "mean": sum(lengths) / len(lengths) if lengths and counter else None},
+                "images_bounded": bound, "sha256": h.hexdigest(), "flags": flags,
+                "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_json(os.path.join(tmp, "manifest.json"), manifest)
+    commit()
+    print(f"wrote {out}: {manifest['rows_out']} rows kept of {manifest['rows_in']} "
+          f"({manifest['rows_rejected']} rejected: {manifest['reject_reasons']})", flush=True)
+    return manifest
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Sub-commands
+
+
+def sample(
+    out: str = "data/sample",  # writes out/{text,image,eval}
+    seed: int = 0,  # option order and drawn images
+    n_images: int = 40,  # image MCQs (32 train / 8 eval)
+    eval_fraction: float = 0.2,  # held-out share of each kind
+):
+    """The bundled demo/test set: 60 text MCQs with short reasoning, and drawn-image MCQs a model can learn."""
+    rng = random.Random(seed)
+    text, image = sample_text_items(rng), sample_image_items(rng, n_images)
+    n_te, n_ie = int(len(text) * eval_fraction), int(len(image) * eval_fraction)
+    flags = dict(seed=seed, n_images=n_images, eval_fraction=eval_fraction)
+    write_set(list(enumerate(text[n_te:])), os.path.join(out, "text"), flags, "bundled facts (train)")
+    write_set(list(enumerate(image[n_ie:])), os.path.join(out, "image"), flags, "drawn images (train)")
+    write_set(list(enumerate(text[:n_te] + image[:n_ie])), os.path.join(out, "eval"), flags, "bundled (held out)")
+
+
+def eval_set(
+    out: str = "data/eval",  # output folder
+    source: str = "UCSC-VLAA/MedVLThinker-Eval",  # unified eval set (hub id or local copy); used when no raw flag is set
+    split: str = "test",
+    vqa_rad: str = "",  # raw VQA-RAD folder (OSF release layout)
+    slake: str = "",  # raw SLAKE folder (test.json + imgs/)
+    pathvqa: str = "",  # PathVQA parquet (image, question, answer)
+    mmmu: str = "",  # MMMU parquet of the health/medicine subsets
+    medxpertqa_mm: str = "",  # MedXpertQA MM jsonl
+    medxpertqa_images: str = "",  # its images folder
+    pmc_vqa_csv: str = "",  # PMC-VQA test csv
+    pmc_vqa_images: str = "",  # its images folder
+    bound_images: bool = False,  # recipe: eval images are not resized (the processor's max_pixels applies)
+    tokenizer: str = "",  # count prompt tokens with this model's processor ('' = skip)
+    max_prompt_length: int = 1_000_000,  # eval prompts are not length-filtered by default
+):
+    """The unified six-benchmark evaluation set."""
+    flags = dict(locals())
+    raw = {"vqa_rad": vqa_rad, "slake": slake, "pathvqa": pathvqa, "mmmu": mmmu, "medxpertqa_mm": medxpertqa_mm,
+           "pmc_vqa": pmc_vqa_csv}
+    if not any(raw.values()):
+        root, rows = unified_rows(source, split)
+        write_set(rows, out, flags, source, root, bound_images, tokenizer, max_prompt_length)
+        return
+    parts = []
+    if pmc_vqa_csv:
+        parts.append((pmc_vqa_csv, pmc_vqa_rows(pmc_vqa_csv, pmc_vqa_images)))
+    if mmmu:
+        parts.append((mmmu, mmmu_rows(mmmu)))
+    if medxpertqa_mm:
+        parts.append((medxpertqa_mm, medxpertqa_mm_rows(medxpertqa_mm, medxpertqa_images)))
+    if pathvqa:
+        parts.append((pathvqa, pathvqa_rows(pathvqa)))
+    if slake:
+        parts.append((slake, slake_rows(slake)))
+    if vqa_rad:
+        parts.append((vqa_rad, vqa_rad_rows(vqa_rad)))
+    _write_parts(parts, out, flags, "raw benchmark files", bound_images, tokenizer, max_prompt_length)
+
+
+def _write_parts(parts, out, flags, source, bound, tokenizer, max_prompt_length):
+    """Concatenate converted sources (images resolve inside each source's own folder); indices become 0..N-1."""
+    rows, rejects = [], []
+    for label, (root, part) in parts:
+        for src, raw in part:
+            if isinstance(raw, RowError):
+                rejects.append({"source": label, "source_row": src, "dataset_name": None, "dataset_index": None,
+                                "reason": str(raw)})
+                continue
+            misc = raw.get("misc") or {}
+            rows.append(((label, src), {**raw, "_root": root, "dataset_index": len(rows),
+                                        "misc": {**misc, "source_index": raw["dataset_index"]}}))
+    return write_set(rows, out, flags, source, None, bound, tokenizer, max_prompt_length, rejects_in=rejects)
+
+
+def text(
+    out: str = "data/text",  # output folder
+    source: str = "",  # unified text set, e.g. UCSC-VLAA/MedVLThinker-m23k-tokenized (hub or local); '' = raw files
+    split: str = "train",
+    medqa: str = "",  # MedQA-USMLE jsonl (jind11/medagents layout)
+    medmcqa: str = "",  # MedMCQA jsonl (medagents layout)
+    headqa: str = "",  # HEAD-QA English json
+    pubmedqa: str = "",  # PubMedQA ori_pqal.json
+    pubmedqa_context: bool = True,  # put the abstract's contexts before the question
+    medxpertqa_text: str = "",  # MedXpertQA Text jsonl (medagents layout)
+    tokenizer: str = "",  # count prompt tokens with this model's processor ('' = skip)
+    max_prompt_length: int = 2048,  # recipe: prompts over 2048 tokens cannot be trained on
+):
+    """Text-only training MCQs (m23k, or raw MedQA / MedMCQA / HEAD-QA / PubMedQA / MedXpertQA-Text files)."""
+    flags = dict(locals())
+    if source:
+        root, rows = unified_rows(source, split)
+        write_set(rows, out, flags, source, root, True, tokenizer, max_prompt_length)
+        return
+    parts = []
+    if medqa:
+        parts.append((medqa, medqa_rows(medqa)))
+    if medmcqa:
+        parts.append((medmcqa, medqa_rows(medmcqa, "medmcqa")))
+    if headqa:
+        parts.append((headqa, headqa_rows(headqa)))
+    if pubmedqa:
+        parts.append((pubmedqa, pubmedqa_rows(pubmedqa, pubmedqa_context)))
+    if medxpertqa_text:
+        parts.append((medxpertqa_text, medxpertqa_text_rows(medxpertqa_text)))
+    if not parts:
+        raise SystemExit("text: give --source or at least one raw file flag")
+    _write_parts(parts, out, flags, "raw text QA files", True, tokenizer, max_prompt_length)
+
+
+def pmc_vqa(
+    out: str = "data/pmc_vqa",  # output folder
+    csv_path: str = "",  # PMC-VQA train.csv ('' = use --source)
+    images: str = "",  # folder the csv's Figure_path values are relative to
+    source: str = "UCSC-VLAA/MedVLThinker-pmc_vqa",  # the converted hub copy, used when --csv_path is empty
+    split: str = "train",
+    tokenizer: str = "",  # count prompt tokens with this model's processor ('' = skip)
+    max_prompt_length: int = 2048,
+):
+    """PMC-VQA training set with the upstream cleaning rules (RECIPE §1.4) and image bounds (§1.6)."""
+    flags = dict(locals())
+    if csv_path:
+        _write_parts([(csv_path, pmc_vqa_rows(csv_path, images))], out, flags, csv_path, True, tokenizer, max_prompt_length)
+        return
+    root, rows = unified_rows(source, split)
+    write_set(rows, out, flags, source, root, True, tokenizer, max_prompt_length)
+
+
+def inference_correct(response: str, answer: str, answer_label: str) -> bool:
+    """The grader upstream counted pass rates with (RECIPE §2.1): first <answer> block (DOTALL), else the text."""
+    i = response.find("<answer>")
+    j = response.find("</answer>", i + 8) if i != -1 else -1
+    pred = response[i + 8 : j] if j != -1 else response
+    return grading.grade_answer(pred.strip(), answer, answer_label)
+
+
+def passrate(
+    data: str = "data/text",  # a folder written by this script
+    model: str = "3b",  # the base model whose pass counts pick the data (recipe: the 3B for every size)
+    engine: str = "hf",  # hf | vllm
+    n: int = 16,  # samples per item
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 4096,
+    seed: int = 42,
+    batch_size: int = 16,  # prompts per generate call
+    grader: str = "inference",  # inference = upstream's (first <answer>, no format check) | strict = the RL reward
+    dtype: str = "bf16",
+    tp: int = 1,  # vllm tensor parallel
+    limit: int = -1,  # first N items only (-1 = all)
+    out: str = "data/passrate",  # folder: counts.jsonl (+ per-rank shards while running)
+):
+    """Pass count per dataset_index: how many of n samples the model gets right. Resumable, sharded over ranks."""
+    from common.generate import HFEngine, Prompt, VLLMEngine, row_seed
+    from common.model import load_model, load_processor, resolve
+
+    d = dist.init(seed=seed)
+    judge = grading.strict_reward if grader == "strict" else inference_correct
+    rows = load_rows(data)
+    total = len(rows) if limit < 0 else min(limit, len(rows))
+    dp, dp_rank = (d.world_size // tp, d.rank // tp) if engine == "vllm" else (d.world_size, d.rank)
+    per = math.ceil(total / dp)
+    lo, hi = dp_rank * per, min(total, (dp_rank + 1) * per)
+    os.makedirs(out, exist_ok=True)
+    shard = os.path.join(out, f"counts.rank{d.rank}.jsonl")
+    done = set()
+    for path in [os.path.join(out, "counts.jsonl")] + [os.path.join(out, f) for f in os.listdir(out) if f.startswith("counts.rank")]:
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        done.add(json.loads(line)["dataset_index"])
+                    except (json.JSONDecodeError, KeyError):
+                        pass
+    processor, tok = load_processor(model)
+    if engine == "vllm":
+        gen = VLLMEngine(resolve(model), tok, tp=tp, seed=seed, external_launcher=d.world_size > 1,
+                         is_vl=processor is not None)
+    else:
+        gen = HFEngine(load_model(model, dtype=dtype, device=d.device).eval(), processor, tok, batch_size)
+    owner = processor if processor is not None else tok
+    todo = []
+    for i in range(lo, hi):
+        try:
+            item = parse_row(rows[i], data)
+        except RowError as e:
+            print(f"row {i}: {e}; skipped", flush=True)
+            continue
+        if item.dataset_index not in done:
+            todo.append(item)
+    bar = tqdm(total=len(todo), desc="passrate", unit="item", disable=not d.is_main, dynamic_ncols=True)
+    with open(shard, "a") as f:
+        for b in range(0, len(todo), batch_size):
+            batch = todo[b : b + batch_size]
+            ps = [Prompt(prompts.render(owner, prompts.messages(it.question, it.options, len(it.images),
+                                                                processor is not None)), it.images) for it in batch]
+            outs = gen.generate(ps, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                seeds=[row_seed(seed, it.dataset_index) for it in batch])
+            for it, samples in zip(batch, outs):
+                c = sum(bool(judge(s.text, it.answer, it.answer_label)) for s in samples)
+                f.write(json.dumps({"dataset_index": it.dataset_index, "num_correct": c, "n": n}) + "\n")
+            f.flush()
+            bar.update(len(batch))
+    bar.close()
+    dist.barrier()
+    if d.is_main:
+        merged = {}
+        for name in sorted(os.listdir(out)):
+            if name.startswith("counts") and name.endswith(".jsonl"):
+                with open(os.path.join(out, name)) as f:
+                    for line in f:
+                        try:
+                            r = json.loads(line)
+                            merged[r["dataset_index"]] = r
+                        except (json.JSONDecodeError, KeyError):
+                            pass
+        with open(os.path.join(out, "counts.jsonl.tmp"), "w") as f:
+            f.writelines(json.dumps(merged[k]) + "\n" for k in sorted(merged))
+        os.replace(os.path.join(out, "counts.jsonl.tmp"), os.path.join(out, "counts.jsonl"))
+        for name in os.listdir(out):
+            if name.startswith("counts.rank"):
+                os.remove(os.path.join(out, name))
+        hist = Counter(r["num_correct"] for r in merged.values())
+        write_json(os.path.join(out, "manifest.json"), {"data": data, "model": model, "n": n, "grader": grader,
+                                                        "items": len(merged), "histogram": dict(sorted(hist.items()))})
+        print(f"pass counts for {len(merged)} items -> {out}/counts.jsonl; histogram {dict(sorted(hist.items()))}")
+    dist.cleanup()
+
+
+def filter_set(
+    data: str = "data/text",  # a folder written by this script
+    passrate: str = "data/passrate",  # folder (or counts.jsonl) from the passrate command
+    out: str = "data/text_e2h",  # output folder
+    min_pass: int = 1,  # keep min_pass <= pass_count <= max_pass (recipe: 1..7 of 16)
+    max_pass: int = 7,
+    order: str = "easy_to_hard",  # easy_to_hard | hard_to_easy | shuffle (after the seeded shuffle)
+    seed: int = 42,  # the shuffle before the stable sort
+):
+    """Keep the medium-difficulty items, shuffle (seed 42), stable-sort by pass count (RECIPE §2.2)."""
+    flags = dict(locals())
+    path = passrate if passrate.endswith(".jsonl") else os.path.join(passrate, "counts.jsonl")
+    counts = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            counts[r["dataset_index"]] = r["num_correct"]
+    ds = load_rows(data)
+    before = Counter(counts.get(i, -1) for i in ds["dataset_index"])
+    ds = ds.map(lambda i: {"pass_count": counts.get(i, -1)}, input_columns="dataset_index")
+    keep = ds.filter(lambda c: min_pass <= c <= max_pass, input_columns="pass_count")
+    keep = keep.shuffle(seed=seed)
+    if order in ("easy_to_hard", "hard_to_easy"):
+        keep = keep.sort("pass_count", reverse=order == "easy_to_hard", kind="stable")
+    after = Counter(keep["pass_count"])
+    tmp, commit = atomic_dir(out)
+    keep.to_parquet(os.path.join(tmp, "data.parquet"))
+    manifest = {"source": data, "passrate": path, "rows_in": len(ds), "rows_out": len(keep),
+                "dropped": {"not evaluated (-1)": before.get(-1, 0),
+                            f"pass_count < {min_pass}": sum(v for k, v in before.items() if 0 <= k < min_pass),
+                            f"pass_count > {max_pass}": sum(v for k, v in before.items() if k > max_pass)},
+                "histogram_before": dict(sorted(before.items())), "histogram_after": dict(sorted(after.items())),
+                "flags": flags}
+    write_json(os.path.join(tmp, "manifest.json"), manifest)
+    commit()
+    print(f"pass-count histogram before: {manifest['histogram_before']}")
+    print(f"kept {len(keep)} of {len(ds)} ({min_pass}..{max_pass}), order {order}: {manifest['histogram_after']}")
+
+
+def sft(
+    data: str = "data/pmc_vqa",  # a folder written by this script
+    out: str = "data/pmc_vqa_sft",  # output folder: rows with reasoning only
+    traces: str = "",  # evaluate.py items.jsonl (or any jsonl with dataset_index + response [+ correct]) to attach
+):
+    """Attach reasoning traces (first correct rollout's <think> text, RECIPE §1.5) and keep rows that have one.
+
+    sft.py trains on `<think> {reasoning} </think>\\n<answer> {label} </answer>` built from these rows."""
+    import datasets
+
+    flags = dict(locals())
+    ds = load_rows(data)
+    found = {}
+    if traces:
+        with open(traces) as f:
+            for line in f:
+                r = json.loads(line)
+                ok = r.get("correct", True)
+                m = re.search(r"<think>(.*?)</think>", r.get("response", ""), re.DOTALL)
+                if ok and m and r["dataset_index"] not in found:
+                    found[r["dataset_index"]] = m.group(1).strip()
+    root = data if os.path.isdir(data) else None
+
+    def rows():
+        for i in range(len(ds)):
+            row = dict(ds[i])
+            if row["dataset_index"] in found:
+                row["reasoning"] = found[row["dataset_index"]]
+            if not (row.get("reasoning") or "").strip():
+                yield i, RowError("no reasoning trace")
+            else:
+                row.pop("prompt_tokens", None)
+                yield i, row
+
+    write_set(list(rows()), out, flags, data, root, False,
+                     extra_columns={"target": (datasets.Value("string"),
+                                               lambda r: prompts.sft_target(r["reasoning"], r["answer_label"]))})
+
+
+def normalise_question(q: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", q.lower()).strip()
+
+
+def image_hashes(img: Image.Image) -> tuple[str, int]:
+    """(sha256 of the RGB pixels, 64-bit average hash) of an image."""
+    exact = hashlib.sha256(img.convert("RGB").tobytes()).hexdigest()
+    small = img.convert("L").resize((8, 8), Image.BILINEAR)
+    px = list(small.getdata())
+    mean = sum(px) / 64
+    return exact, sum(1 << i for i, p in enumerate(px) if p > mean)
+
+
+def decontaminate(
+    train: str = "data/text",  # training folder written by this script
+    eval_data: str = "data/eval",  # evaluation folder
+    out: str = "",  # with --drop true: where the cleaned training set goes
+    drop: bool = False,  # drop flagged training rows (else only report)
+    phash_bits: int = 4,  # average-hash Hamming distance that counts as the same image (and the question matches)
+):
+    """Flag training rows whose normalised question (and for images, exact or perceptual hash) is in the eval set."""
+    tr, ev = load_rows(train), load_rows(eval_data)
+    ev_q = {}
+    for r in tqdm(ev, desc="index eval", unit="row"):
+        ev_q.setdefault(normalise_question(r["question"]), []).append(
+            (r["dataset_name"], [image_hashes(im) for im in (r.get("images") or [])]))
+    flagged, per_bench = [], Counter()
+    for i, r in enumerate(tqdm(tr, desc="scan train", unit="row")):
+        hits = ev_q.get(normalise_question(r["question"]))
+        if not hits:
+            continue
+        mine = [image_hashes(im) for im in (r.get("images") or [])]
+        for bench, theirs in hits:
+            same = (not mine and not theirs) or any(
+                a[0] == b[0] or bin(a[1] ^ b[1]).count("1") <= phash_bits for a in mine for b in theirs)
+            if same:
+                flagged.append({"train_row": i, "dataset_index": r["dataset_index"], "benchmark": bench})
+                per_bench[bench] += 1
+                break
+    report = {"train": train, "eval": eval_data, "train_rows": len(tr), "flagged": len(flagged),
+              "per_benchmark": dict(per_bench), "rows": flagged[:1000]}
+    print(f"{len(flagged)} of {len(tr)} training rows also appear in the eval set: {dict(per_bench)}")
+    if drop:
+        if not out:
+            raise SystemExit("--drop true needs --out")
+        bad = {f["train_row"] for f in flagged}
+        tmp, commit = atomic_dir(out)
+        tr.select([i for i in range(len(tr)) if i not in bad]).to_parquet(os.path.join(tmp, "data.parquet"))
+        write_json(os.path.join(tmp, "manifest.json"), {**report, "rows_out": len(tr) - len(bad)})
+        commit()
+
+
+if __name__ == "__main__":
+    cli.run({"sample": sample, "eval": eval_set, "text": text, "pmc_vqa": pmc_vqa, "passrate": passrate,
+             "filter": filter_set, "sft": sft, "decontaminate": decontaminate})

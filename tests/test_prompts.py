@@ -1,0 +1,51 @@
+"""The recipe's prompt, byte for byte (RECIPE §3).   pytest -q tests/test_prompts.py"""
+
+from common import prompts
+
+
+def test_instruction_has_literal_backslash_n():
+    assert len(prompts.INSTRUCTION) == 181
+    assert "\\n" in prompts.INSTRUCTION and "\n" not in prompts.INSTRUCTION
+    assert prompts.INSTRUCTION.endswith("Write your final answer within <answer> </answer> tags.")
+
+
+def test_user_text_matches_recipe_example():
+    # RECIPE §3.2 example repr, with the instruction in place of the "..."
+    want = (prompts.INSTRUCTION + "\n\nQuestion: Which modality?\n\nOptions:\n\nA. CT\n\nB. MRI")
+    assert prompts.user_text("Which modality?", {"A": "CT", "B": "MRI"}) == want
+    assert repr(want).startswith("'You will solve a problem/request. You should provide your thoughts within <think>")
+    assert "the answer.\\\\nWrite your final answer" in repr(want)
+
+
+def test_options_keep_dict_order():
+    text = prompts.user_text("q", {"C": "c", "A": "a"})
+    assert text.endswith("Options:\n\nC. c\n\nA. a")
+
+
+def test_sft_target():
+    assert prompts.sft_target("  because  ", " B ") == "<think> because </think>\n<answer> B </answer>"
+
+
+def test_vl_messages_put_images_first_and_no_system(tiny_vl):
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(tiny_vl)
+    msgs = prompts.messages("Which side?", {"A": "Left", "B": "Right"}, 2, True)
+    assert [p["type"] for p in msgs[0]["content"]] == ["image", "image", "text"]
+    assert len(msgs) == 1 and msgs[0]["role"] == "user"
+    text = prompts.render(proc, msgs)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>"
+                    + prompts.user_text("Which side?", {"A": "Left", "B": "Right"})
+                    + "<|im_end|>\n<|im_start|>assistant\n")
+    full = prompts.render(proc, msgs, "<think> x </think>\n<answer> A </answer>")
+    assert full == text + "<think> x </think>\n<answer> A </answer><|im_end|>\n"
+
+
+def test_text_model_gets_string_content(smollm2):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    msgs = prompts.messages("q?", {"A": "a", "B": "b"}, 0, False)
+    text = prompts.render(tok, msgs)
+    assert prompts.user_text("q?", {"A": "a", "B": "b"}) in text and text.endswith("<|im_start|>assistant\n")
