@@ -28,6 +28,7 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 from collections import Counter
 
@@ -63,6 +64,8 @@ def closed_options(question: str, answer: str) -> dict:
         raise RowError(f"closed question is neither yes/no nor 'X or Y': {question[:80]!r} -> {answer[:40]!r}")
     left, right = q[: m.start()].rstrip(","), q[m.end() :]
     lw, rw = left.split(), right.split()
+    while rw and rw[0].lower() in ("a", "an", "the"):  # 'a CT or an MRI'
+        rw.pop(0)
     heads = [w.rstrip(",") for w in lw]
     candidates = []
     # 'A, B, or C': comma-separated items before ' or ', each as long as the last one
@@ -297,7 +300,7 @@ def pmc_vqa_rows(csv_path, image_dir, name="pmc_vqa"):
 def unified_rows(source, split="test"):
     """Rows already in the unified schema (a hub dataset or a local copy)."""
     ds = load_rows(source, split)
-    root = source if os.path.isdir(source) else None
+    root = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else None
 
     def rows():
         for i in range(len(ds)):
@@ -420,7 +423,6 @@ def write_set(rows, out: str, flags: dict, source: str, root=None, bound: bool =
 
         processor, tok = load_processor(tokenizer, trust_remote_code)
         counter = lambda item: prompt_tokens(processor, tok, item)  # noqa: E731
-    tmp, commit = atomic_dir(out)
     rejects = list(rejects_in or [])
     feats = features()
     feats["prompt_tokens"] = datasets.Value("int32")
@@ -450,29 +452,33 @@ def write_set(rows, out: str, flags: dict, source: str, root=None, bound: bool =
             lengths.append(n)
             yield row
 
-    ds = datasets.Dataset.from_generator(gen, features=feats, cache_dir=os.path.join(tmp, ".cache"))
-    ds.to_parquet(os.path.join(tmp, "data.parquet"))
-    del ds
-    import shutil
-
-    shutil.rmtree(os.path.join(tmp, ".cache"), ignore_errors=True)
-    with open(os.path.join(tmp, "rejects.jsonl"), "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
-    h = hashlib.sha256()
-    with open(os.path.join(tmp, "data.parquet"), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    n_conv = len(rejects_in or [])
-    manifest = {"source": source, "rows_in": n_in + n_conv, "rows_out": sum(kept_names.values()),
-                "rows_rejected": len(rejects), "reject_reasons": dict(Counter(reason_kind(r["reason"]) for r in rejects)),
-                "per_dataset": dict(kept_names), "prompt_tokens": {
-                    "checked_with": tokenizer or None, "max_prompt_length": max_prompt_length if tokenizer else None,
-                    "max": max(lengths) if lengths and counter else None,
-                    "mean": sum(lengths) / len(lengths) if lengths and counter else None},
-                "images_bounded": bound, "sha256": h.hexdigest(), "flags": flags,
-                "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    write_json(os.path.join(tmp, "manifest.json"), manifest)
-    commit()
+    with atomic_dir(out) as tmp:
+        try:
+            ds = datasets.Dataset.from_generator(gen, features=feats, cache_dir=os.path.join(tmp, ".cache"))
+        except ValueError:  # datasets refuses a generator that yields nothing: every row was rejected
+            if kept_names:
+                raise
+            ds = datasets.Dataset.from_dict({k: [] for k in feats}, features=feats)
+        ds.to_parquet(os.path.join(tmp, "data.parquet"))
+        del ds
+        shutil.rmtree(os.path.join(tmp, ".cache"), ignore_errors=True)
+        with open(os.path.join(tmp, "rejects.jsonl"), "w") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
+        h = hashlib.sha256()
+        with open(os.path.join(tmp, "data.parquet"), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        n_conv = len(rejects_in or [])
+        manifest = {"source": source, "rows_in": n_in + n_conv, "rows_out": sum(kept_names.values()),
+                    "rows_rejected": len(rejects),
+                    "reject_reasons": dict(Counter(reason_kind(r["reason"]) for r in rejects)),
+                    "per_dataset": dict(kept_names), "prompt_tokens": {
+                        "checked_with": tokenizer or None, "max_prompt_length": max_prompt_length if tokenizer else None,
+                        "max": max(lengths) if lengths and counter else None,
+                        "mean": sum(lengths) / len(lengths) if lengths and counter else None},
+                    "images_bounded": bound, "sha256": h.hexdigest(), "flags": flags,
+                    "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_json(os.path.join(tmp, "manifest.json"), manifest)
     print(f"wrote {out}: {manifest['rows_out']} rows kept of {manifest['rows_in']} "
           f"({manifest['rows_rejected']} rejected: {manifest['reject_reasons']})", flush=True)
     return manifest
@@ -730,18 +736,19 @@ def filter_set(
     keep = ds.filter(lambda c: min_pass <= c <= max_pass, input_columns="pass_count")
     keep = keep.shuffle(seed=seed)
     if order in ("easy_to_hard", "hard_to_easy"):
-        keep = keep.sort("pass_count", reverse=order == "easy_to_hard", kind="stable")
+        sign = -1 if order == "easy_to_hard" else 1  # Python's sort is stable: ties keep the shuffled order
+        pcs = keep["pass_count"]
+        keep = keep.select(sorted(range(len(keep)), key=lambda i: sign * pcs[i]))
     after = Counter(keep["pass_count"])
-    tmp, commit = atomic_dir(out)
-    keep.to_parquet(os.path.join(tmp, "data.parquet"))
     manifest = {"source": data, "passrate": path, "rows_in": len(ds), "rows_out": len(keep),
                 "dropped": {"not evaluated (-1)": before.get(-1, 0),
                             f"pass_count < {min_pass}": sum(v for k, v in before.items() if 0 <= k < min_pass),
                             f"pass_count > {max_pass}": sum(v for k, v in before.items() if k > max_pass)},
                 "histogram_before": dict(sorted(before.items())), "histogram_after": dict(sorted(after.items())),
                 "flags": flags}
-    write_json(os.path.join(tmp, "manifest.json"), manifest)
-    commit()
+    with atomic_dir(out) as tmp:
+        keep.to_parquet(os.path.join(tmp, "data.parquet"))
+        write_json(os.path.join(tmp, "manifest.json"), manifest)
     print(f"pass-count histogram before: {manifest['histogram_before']}")
     print(f"kept {len(keep)} of {len(ds)} ({min_pass}..{max_pass}), order {order}: {manifest['histogram_after']}")
 
@@ -831,10 +838,9 @@ def decontaminate(
         if not out:
             raise SystemExit("--drop true needs --out")
         bad = {f["train_row"] for f in flagged}
-        tmp, commit = atomic_dir(out)
-        tr.select([i for i in range(len(tr)) if i not in bad]).to_parquet(os.path.join(tmp, "data.parquet"))
-        write_json(os.path.join(tmp, "manifest.json"), {**report, "rows_out": len(tr) - len(bad)})
-        commit()
+        with atomic_dir(out) as tmp:
+            tr.select([i for i in range(len(tr)) if i not in bad]).to_parquet(os.path.join(tmp, "data.parquet"))
+            write_json(os.path.join(tmp, "manifest.json"), {**report, "rows_out": len(tr) - len(bad)})
 
 
 if __name__ == "__main__":

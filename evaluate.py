@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from common import cli, dist, grading, prompts
+from common.faults import crash_point
 from common.data import RowError, load_rows, parse_row, write_json
 from common.generate import HFEngine, Prompt, VLLMEngine, row_seed
 from common.model import load_model, load_processor, resolve
@@ -323,6 +324,7 @@ def main(
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(batch))
+            crash_point("eval_batch")
     bar.close()
     elapsed = time.time() - t0
     dist.barrier()

@@ -5,6 +5,7 @@ answer, reasoning, dataset_name, dataset_index (+ hash, misc, and pass_count aft
 be used raises RowError with the reason; callers count and report it, nothing is dropped silently.
 """
 
+import contextlib
 import hashlib
 import io
 import json
@@ -158,7 +159,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         a = np.asarray(img, dtype=np.float64)
         lo, hi = float(a.min()), float(a.max())
         a = np.zeros_like(a) if hi == lo else (a - lo) * (255.0 / (hi - lo))
-        img = Image.fromarray(a.astype("uint8"), mode="L")
+        img = Image.fromarray(a.astype("uint8"))
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -216,7 +217,7 @@ def parse_row(row: dict, root: str | None = None, need_images: bool = True) -> I
 
 def to_row(item: Item, keep_images: bool = True) -> dict:
     """Item -> unified-schema row (options serialised with json.dumps(..., ensure_ascii=False))."""
-    return {"images": item.images if keep_images else None, "question": item.question,
+    return {"images": (item.images or None) if keep_images else None, "question": item.question,
             "options": json.dumps(item.options, ensure_ascii=False), "answer_label": item.answer_label,
             "answer": item.answer, "reasoning": item.reasoning, "dataset_name": item.dataset_name,
             "dataset_index": item.dataset_index,
@@ -228,20 +229,25 @@ def _misc(v):
     return v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
 
 
+@contextlib.contextmanager
 def atomic_dir(final: str):
-    """A temp folder next to `final`, and a commit() that swaps it in (a rename; nothing half-written is left)."""
+    """Yield a temp folder next to `final`; on success it replaces `final` by renames, on error it is removed.
+
+    A reader sees the old folder or the new one, never a half-written one (a kill -9 can leave `*.tmp-PID` behind,
+    which nothing reads)."""
     tmp = final.rstrip("/") + f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-
-    def commit():
-        old = final.rstrip("/") + f".old-{os.getpid()}"
-        if os.path.exists(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-
-    return tmp, commit
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.rstrip("/") + f".old-{os.getpid()}"
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str, obj) -> None:

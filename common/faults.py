@@ -1,0 +1,19 @@
+"""Fault injection for the reliability tests: `MEDVL_CRASH=point:N` hard-kills the process at the N-th visit.
+
+os._exit skips every finally block and flush, like kill -9, so what survives is exactly what was on disk."""
+
+import os
+
+_visits: dict = {}
+
+
+def crash_point(name: str) -> None:
+    spec = os.environ.get("MEDVL_CRASH", "")
+    if not spec:
+        return
+    point, _, n = spec.partition(":")
+    if point != name:
+        return
+    _visits[name] = _visits.get(name, 0) + 1
+    if _visits[name] == int(n or 1):
+        os._exit(137)

@@ -1,0 +1,76 @@
+"""Row validation, image handling and path safety of the unified schema.   pytest -q tests/test_data.py"""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.data import RowError, bound_image, load_image, parse_row, safe_path
+
+GOOD = {"question": "q?", "options": json.dumps({"A": "x", "B": "y"}), "answer_label": "B", "answer": "y",
+        "dataset_name": "d", "dataset_index": 3, "images": None, "reasoning": None}
+
+
+def png(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_good_row():
+    item = parse_row(GOOD)
+    assert item.options == {"A": "x", "B": "y"} and item.answer_label == "B" and item.images == []
+
+
+@pytest.mark.parametrize("patch,reason", [
+    ({"question": None}, "missing field 'question'"),
+    ({"question": "  "}, "empty question"),
+    ({"question": 5}, "not str"),
+    ({"question": "x" * 20000}, "characters"),
+    ({"question": "a\x00b"}, "control"),
+    ({"options": "[1, 2]"}, "JSON object"),
+    ({"options": "{not json"}, "not valid JSON"),
+    ({"options": '{"A": "x"}'}, "at least 2"),
+    ({"options": '{"A": "x", "A": "y"}'}, "repeat a letter"),
+    ({"options": '{"A": "x", "B": ""}'}, "empty"),
+    ({"answer_label": "E"}, "not among the options"),
+    ({"answer": "x"}, "differs from option B"),
+    ({"dataset_index": "7"}, "integer"),
+    ({"images": "a.png"}, "must be a list"),
+])
+def test_bad_rows_say_why(patch, reason):
+    with pytest.raises(RowError, match=reason):
+        parse_row({**GOOD, **patch})
+
+
+def test_images_decode_or_are_rejected(tmp_path):
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(tmp_path / "ok.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "trunc.png").write_bytes(png(Image.new("RGB", (64, 64), (9, 9, 9)))[:60])
+    assert load_image("ok.png", str(tmp_path)).size == (40, 30)
+    for name, why in [("empty.png", "zero bytes"), ("trunc.png", "truncated|cannot be decoded"),
+                      ("missing.png", "not found"), ("../x.png", "escapes"), ("/etc/passwd", "escapes")]:
+        with pytest.raises(RowError, match=why):
+            load_image(name, str(tmp_path))
+    with pytest.raises(RowError, match="no folder"):
+        safe_path(None, "a.png")
+
+
+def test_odd_modes_become_rgb():
+    cmyk = Image.new("CMYK", (30, 30), (0, 255, 0, 0))
+    assert load_image(png(cmyk.convert("RGB"))).mode == "RGB"
+    assert load_image({"bytes": png(Image.new("P", (30, 30))), "path": None}).mode == "RGB"
+    a = (np.arange(900).reshape(30, 30) * 70).astype(np.uint16)
+    img16 = load_image(Image.fromarray(a))
+    assert img16.mode == "RGB" and np.asarray(img16)[..., 0].max() == 255  # scaled, not clipped to white
+    with pytest.raises(RowError, match="too large|cannot be decoded"):
+        load_image(Image.new("1", (9000, 9000)))
+
+
+def test_bound_image_follows_recipe():
+    assert bound_image(Image.new("RGB", (2000, 1000))).size == (1024, 512)
+    assert bound_image(Image.new("RGB", (10, 100))).size == (28, 280)
+    assert bound_image(Image.new("RGB", (1500, 20))).size == (2100, 28)  # short side first, as upstream
+    assert bound_image(Image.new("L", (500, 400))).mode == "RGB"

@@ -1,0 +1,219 @@
+"""data_prep.py: converters, rejects, token-length filter, pass rates, curation, decontamination, SFT traces.
+
+    pytest -q tests/test_data_prep.py"""
+
+import csv
+import json
+import os
+
+import pytest
+from PIL import Image
+
+import data_prep as dp
+from common.data import RowError, load_rows
+from conftest import run_py
+
+
+def manifest(path):
+    return json.load(open(os.path.join(path, "manifest.json")))
+
+
+def rejects(path):
+    return [json.loads(x) for x in open(os.path.join(path, "rejects.jsonl"))]
+
+
+@pytest.mark.parametrize("q,a,want", [
+    ("Is there a fracture?", "yes", {"A": "Yes", "B": "No"}),
+    ("Is this supratentorial or infratentorial?", "supratentorial", {"A": "Supratentorial", "B": "Infratentorial"}),
+    ("Is the lesion on the left or right side of the brain?", "Left", {"A": "Left", "B": "Right"}),
+    ("Is the gastric bubble shown on the left or right side of the patient?", "Right side",
+     {"A": "Left side", "B": "Right side"}),
+    ("Is this a T1 weighted, T2 weighted, or FLAIR image?", "FLAIR",
+     {"A": "T1 weighted", "B": "T2 weighted", "C": "FLAIR"}),
+    ("Is this a CT or an MRI?", "MRI", {"A": "CT", "B": "MRI"}),
+])
+def test_closed_options(q, a, want):
+    assert dp.closed_options(q, a) == want
+
+
+@pytest.mark.parametrize("q,a", [("What organ is shown?", "liver"), ("Are there multiple or just 1 focus?", "one")])
+def test_closed_options_reject(q, a):
+    with pytest.raises(RowError):
+        dp.closed_options(q, a)
+
+
+def test_sample_set(sample_data):
+    text, image, ev = (load_rows(os.path.join(sample_data, k)) for k in ("text", "image", "eval"))
+    assert (len(text), len(image), len(ev)) == (48, 32, 20)
+    assert all(r["reasoning"] for r in text) and all(r["images"] is None for r in text)
+    assert all(len(r["images"]) == 1 and r["images"][0].size == (112, 112) for r in image)
+    labels = {r["answer_label"] for r in text}
+    assert labels == {"A", "B", "C", "D"}  # the correct option moves around
+    train_q = {(r["dataset_name"], r["question"], r["answer"]) for r in text}
+    assert not train_q & {(r["dataset_name"], r["question"], r["answer"]) for r in ev}
+
+
+def test_real_text_sources_convert(real, tmp_path):
+    out = tmp_path / "text"
+    m = dp.text(out=str(out), medqa=f"{real}/medqa_usmle_4opt/test.jsonl", medmcqa=f"{real}/medmcqa_medagents/test.jsonl",
+                headqa=f"{real}/headqa_en/test_HEAD_EN.json", pubmedqa=f"{real}/pubmedqa/ori_pqal.json",
+                medxpertqa_text=f"{real}/medxpertqa_text_medagents/test.jsonl")
+    assert m is None
+    m = manifest(out)
+    assert m["per_dataset"] == {"medqa": 500, "medmcqa": 200, "headqa": 200, "pubmedqa": 400, "medxpertqa_text": 100}
+    assert m["rows_rejected"] == 32 and all("image" in r["reason"] for r in rejects(out))  # HEAD-QA image questions
+    ds = load_rows(str(out))
+    assert ds["dataset_index"] == list(range(1400))  # unique across the merged sources
+    first = json.loads(open(f"{real}/medqa_usmle_4opt/test.jsonl").readline())
+    r0 = ds[0]
+    assert r0["question"] == first["question"] and r0["answer_label"] == first["answer_idx"] == "B"
+    assert json.loads(r0["options"]) == first["options"] and r0["answer"] == first["answer"]
+    x = next(r for r in ds if r["dataset_name"] == "medxpertqa_text")
+    assert "Answer Choices" not in x["question"] and len(json.loads(x["options"])) == 10
+    p = next(r for r in ds if r["dataset_name"] == "pubmedqa")
+    assert json.loads(p["options"]) == {"A": "yes", "B": "no", "C": "maybe"} and "\n\n" in p["question"]
+
+
+def test_real_vqa_rad_closed(vqa_rad_eval):
+    m = manifest(vqa_rad_eval)
+    assert (m["rows_in"], m["rows_out"]) == (221, 220)  # 221 CLOSED rows; 'one' vs '1 focus' cannot be mapped
+    ds = load_rows(vqa_rad_eval)
+    assert sum(json.loads(o) == {"A": "Yes", "B": "No"} for o in ds["options"]) == 204
+    r = ds[0]
+    assert r["question"] == "Is there airspace consolidation on the left side?" and r["answer"] == "Yes"
+    assert r["images"][0].size == (480, 503)  # eval images are not resized (recipe)
+
+
+def _bad_rows_file(tmp_path):
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (50, 40), "red").save(tmp_path / "img" / "ok.png")
+    (tmp_path / "img" / "zero.png").write_bytes(b"")
+    (tmp_path / "img" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    good = {"question": "q?", "options": {"A": "x", "B": "y"}, "answer_label": "A", "answer": "x", "dataset_name": "t",
+            "dataset_index": 0, "images": ["img/ok.png"]}
+    rows = [good, {**good, "question": None}, {**good, "options": "{oops"}, {**good, "answer_label": "C"},
+            {**good, "answer": "y"}, {**good, "images": ["img/missing.png"]}, {**good, "images": ["img/zero.png"]},
+            {**good, "images": ["img/bad.png"]}, {**good, "question": ""}, good]
+    for i, r in enumerate(rows):
+        r["dataset_index"] = i
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_every_bad_row_kind_is_rejected_with_reason(tmp_path):
+    out = tmp_path / "out"
+    dp.eval_set(out=str(out), source=str(_bad_rows_file(tmp_path)))
+    m = manifest(out)
+    assert (m["rows_in"], m["rows_out"], m["rows_rejected"]) == (10, 2, 8)
+    reasons = [r["reason"] for r in rejects(out)]
+    for want in ["missing field", "not valid JSON", "not among the options", "differs from option", "not found",
+                 "zero bytes", "cannot be decoded", "empty question"]:
+        assert sum(want in r for r in reasons) == 1, (want, reasons)
+    assert [r["dataset_index"] for r in rejects(out)] == list(range(1, 9))
+
+
+def test_overlong_prompts_are_dropped_with_report(tmp_path, tiny_vl, sample_data):
+    out = tmp_path / "short"
+    dp.text(out=str(out), source=os.path.join(sample_data, "image"), tokenizer=tiny_vl, max_prompt_length=120)
+    m = manifest(out)
+    lengths = load_rows(os.path.join(sample_data, "image"))
+    assert m["rows_out"] + m["reject_reasons"].get("prompt too long (_ tokens > _)", 0) == len(lengths)
+    assert 0 < m["rows_out"] < len(lengths) and m["prompt_tokens"]["max"] <= 120
+
+
+def test_prompt_tokens_count_image_tokens_exactly(tiny_vl, sample_data):
+    from common import generate as G, prompts
+    from common.data import parse_row
+    from common.model import load_processor
+
+    proc, tok = load_processor(tiny_vl)
+    for row in list(load_rows(os.path.join(sample_data, "eval")))[10:14]:
+        item = parse_row(row)
+        p = G.Prompt(prompts.render(proc, prompts.messages(item.question, item.options, len(item.images), True)),
+                     item.images)
+        assert dp.prompt_tokens(proc, tok, item) == len(G.encode(proc, tok, p).ids)
+
+
+def test_pmc_vqa_cleaning_rules(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (2000, 20), "white").save(tmp_path / "images" / "f1.jpg")
+    cols = ["Figure_path", "Question", "Answer", "Answer_label", "Choice A", "Choice B", "Choice C", "Choice D"]
+    rows = [["f1.jpg", "What is shown? ", "CT ", "B", " A:MRI ", " B:CT", " C:PET", " D:US\xa0"],
+            ["f1.jpg", "q", "CT", "B", " A:MRI", " X:CT", " C:PET", " D:US"],   # mislabelled choice
+            ["f1.jpg", "q", "CT", "E", " A:MRI", " B:CT", " C:PET", " D:US"],    # label outside A-D
+            ["f1.jpg", "q", "PET", "B", " A:MRI", " B:CT", " C:PET", " D:US"]]   # answer differs from its choice
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        csv.writer(f).writerows([cols] + rows)
+    dp.pmc_vqa(out=str(tmp_path / "out"), csv_path=str(tmp_path / "train.csv"), images=str(tmp_path / "images"))
+    ds = load_rows(str(tmp_path / "out"))
+    assert len(ds) == 1 and json.loads(ds[0]["options"]) == {"A": "MRI", "B": "CT", "C": "PET", "D": "US"}
+    assert ds[0]["images"][0].size == (2800, 28)  # short side raised to 28 first (recipe order)
+    assert len(rejects(tmp_path / "out")) == 3
+
+
+def test_passrate_filter_order(tmp_path, tiny_text, sample_data):
+    pr, data = tmp_path / "pr", os.path.join(sample_data, "text")
+    idx = load_rows(data)["dataset_index"]
+    args = ["data_prep.py", "passrate", "--data", data, "--model", tiny_text, "--n", "4", "--max_new_tokens", "8",
+            "--limit", "6", "--dtype", "fp32", "--out", str(pr)]
+    run_py(*args)
+    counts = [json.loads(x) for x in open(pr / "counts.jsonl")]
+    assert [c["dataset_index"] for c in counts] == idx[:6] and all(0 <= c["num_correct"] <= 4 for c in counts)
+    before = (pr / "counts.jsonl").read_text()
+    run_py(*args)  # resumable: a second run finds everything done and changes nothing
+    assert (pr / "counts.jsonl").read_text() == before
+    # plant known counts to test the filter boundaries and the easy-to-hard order
+    planted = dict(zip(idx, [0, 1, 7, 8, 16, 3, 3, 1, 7, 5]))
+    (pr / "counts.jsonl").write_text("".join(json.dumps({"dataset_index": i, "num_correct": c}) + "\n"
+                                             for i, c in planted.items()))
+    dp.filter_set(data=data, passrate=str(pr), out=str(tmp_path / "f"))
+    ds = load_rows(str(tmp_path / "f"))
+    assert sorted(ds["dataset_index"]) == sorted(i for i, c in planted.items() if 1 <= c <= 7)
+    assert ds["pass_count"] == sorted(ds["pass_count"], reverse=True)
+    m = manifest(tmp_path / "f")
+    assert m["dropped"] == {"not evaluated (-1)": 38, "pass_count < 1": 1, "pass_count > 7": 2}
+    dp.filter_set(data=data, passrate=str(pr), out=str(tmp_path / "f2"))
+    assert load_rows(str(tmp_path / "f2"))["dataset_index"] == ds["dataset_index"]  # stable ties, seeded shuffle
+
+
+@pytest.mark.slow
+def test_passrate_with_smollm2(tmp_path, smollm2, sample_data):
+    pr = tmp_path / "pr"
+    run_py("data_prep.py", "passrate", "--data", os.path.join(sample_data, "text"), "--model", smollm2, "--n", "4",
+           "--max_new_tokens", "48", "--limit", "4", "--dtype", "fp32", "--out", str(pr), "--batch_size", "4")
+    m = manifest(pr)
+    assert m["items"] == 4 and sum(m["histogram"].values()) == 4
+
+
+def test_decontaminate_finds_planted_duplicates(tmp_path, sample_data):
+    ev = os.path.join(sample_data, "eval")
+    rows = [dict(r) for r in load_rows(ev)]
+    planted = [rows[0], rows[15]]  # one text, one image item copied into "training"
+    planted[1] = {**planted[1], "question": planted[1]["question"].upper() + "  "}  # normalisation catches it
+    (tmp_path / "train.jsonl").write_text("")
+    import datasets
+
+    train = datasets.concatenate_datasets([load_rows(os.path.join(sample_data, "text")).remove_columns("prompt_tokens"),
+                                           datasets.Dataset.from_list([{k: v for k, v in r.items() if k != "prompt_tokens"}
+                                                                       for r in planted],
+                                                                      features=load_rows(ev).remove_columns(
+                                                                          "prompt_tokens").features)])
+    train.to_parquet(str(tmp_path / "train.parquet"))
+    dp.decontaminate(train=str(tmp_path / "train.parquet"), eval_data=ev, drop=True, out=str(tmp_path / "clean"))
+    m = manifest(tmp_path / "clean")
+    assert m["flagged"] == 2 and m["per_benchmark"] == {"sample_text": 1, "sample_image": 1}
+    assert m["rows_out"] == len(train) - 2
+
+
+def test_sft_attaches_first_correct_trace(tmp_path, sample_data):
+    src = os.path.join(sample_data, "image")
+    traces = tmp_path / "items.jsonl"
+    traces.write_text(json.dumps({"dataset_index": 8, "correct": False, "response": "<think>wrong</think>"}) + "\n" +
+                      json.dumps({"dataset_index": 8, "correct": True, "response": "<think> new why </think><answer>A"})
+                      + "\n")
+    dp.sft(data=src, out=str(tmp_path / "sft"), traces=str(traces))
+    ds = load_rows(str(tmp_path / "sft"))
+    row = next(r for r in ds if r["dataset_index"] == 8)
+    assert row["reasoning"] == "new why"
+    assert row["target"] == f"<think> new why </think>\n<answer> {row['answer_label']} </answer>"

@@ -1,0 +1,86 @@
+"""evaluate.py end to end (tiny VL on real VQA-RAD images, SmolLM2 on text), resume, regrade, compare, pass@k.
+
+    pytest -q tests/test_evaluate.py"""
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+import evaluate as ev
+from conftest import run_py
+
+
+def records(folder):
+    return [json.loads(x) for x in open(os.path.join(folder, "items.jsonl"))]
+
+
+def test_pass_at_k_matches_brute_force():
+    for n, c in [(5, 0), (5, 2), (6, 6), (8, 3)]:
+        outcomes = [1] * c + [0] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(outcomes, k))
+            assert ev.pass_at_k(n, c, k) == pytest.approx(np.mean([any(s) for s in subsets]))
+
+
+def test_majority_vote():
+    assert ev.majority_correct(["A", "B", "A", None], "A")
+    assert not ev.majority_correct(["B", "A"], "A")  # tie: first seen wins
+    assert not ev.majority_correct([None, None], "A")
+
+
+def test_summary_math():
+    recs = []
+    for i, run, s, ok in [(0, 0, 0, 1), (0, 0, 1, 0), (1, 0, 0, 1), (1, 0, 1, 1), (0, 1, 0, 0), (0, 1, 1, 0),
+                          (1, 1, 0, 1), (1, 1, 1, 0)]:
+        recs.append({"dataset_name": "vqa_rad_closed", "dataset_index": i, "run": run, "sample": s, "correct": ok,
+                     "correct_strict": 0, "letter": "A" if ok else "B", "answer_label": "A"})
+    b = ev.summarise(recs, n_boot=200)["benchmarks"]["vqa_rad_closed"]
+    assert b["runs"] == [75.0, 25.0] and b["mean"] == 50.0 and b["std"] == pytest.approx(np.std([75, 25], ddof=1))
+    assert b["pass@k"]["2"] == pytest.approx(100 * (1 + 1 + 0 + 1) / 4)
+    assert b["ci95"][0] <= 50.0 <= b["ci95"][1]
+
+
+def test_tiny_vl_on_real_vqa_rad(tmp_path, tiny_vl, vqa_rad_eval):
+    out = tmp_path / "tiny"
+    p = run_py("evaluate.py", "--model", tiny_vl, "--data", vqa_rad_eval, "--dtype", "fp32", "--limit", "6",
+               "--max_new_tokens", "6", "--runs", "2", "--batch_size", "4", "--out", str(out))
+    assert "| Model | VQA-Rad | Avg. |" in p.stdout and "items/s" in p.stdout
+    recs = records(out)
+    assert len(recs) == 12 and {r["run"] for r in recs} == {0, 1}
+    assert all(r["copied_from_run"] == 0 for r in recs if r["run"] == 1)  # greedy HF runs are identical
+    s = json.load(open(out / "summary.json"))
+    assert s["benchmarks"]["vqa_rad_closed"]["n_items"] == 6
+    assert (out / "accuracy.png").stat().st_size > 1000
+
+
+def test_smollm2_text_resume_regrade_compare(tmp_path, smollm2, sample_data):
+    data = os.path.join(sample_data, "eval")
+    args = ["evaluate.py", "--model", smollm2, "--data", data, "--dtype", "fp32", "--max_new_tokens", "40",
+            "--runs", "1", "--batch_size", "4", "--limit", "8"]
+    full = tmp_path / "full"
+    run_py(*args, "--out", str(full))
+    # the 8 image items are reported and skipped for a text-only model, not dropped silently
+    s = json.load(open(full / "summary.json"))
+    assert s["skipped_rows"] == 8 and s["benchmarks"]["sample_text"]["n_items"] == 8
+    assert len(open(full / "rejects.jsonl").readlines()) == 8
+    # crash hard after the first batch, then resume: identical records, no batch generated twice
+    part = tmp_path / "part"
+    p = run_py(*args, "--out", str(part), env={"MEDVL_CRASH": "eval_batch:1"}, check=False)
+    assert p.returncode == 137 and not (part / "summary.json").exists()
+    assert len(open(part / "items.rank0.jsonl").readlines()) == 4
+    run_py(*args, "--out", str(part))
+    strip = lambda rs: [{k: v for k, v in r.items()} for r in rs]  # noqa: E731
+    assert strip(records(part)) == strip(records(full))
+    assert json.load(open(part / "summary.json"))["benchmarks"] == s["benchmarks"]
+    # regrade: edit one response so it becomes right, recompute without a model
+    recs = records(part)
+    recs[0]["response"] = f"<think>x</think><answer>{recs[0]['answer_label']}</answer>"
+    (part / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    p = run_py("evaluate.py", "regrade", str(part))
+    new = records(part)
+    assert new[0]["correct"] and new[0]["correct_strict"] and "| Model |" in p.stdout
+    p = run_py("evaluate.py", "compare", str(full), str(part), "--n_boot", "200")
+    assert "| Avg. | 8 |" in p.stdout and "sample_text" in p.stdout
