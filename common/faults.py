@@ -17,3 +17,10 @@ def crash_point(name: str) -> None:
     _visits[name] = _visits.get(name, 0) + 1
     if _visits[name] == int(n or 1):
         os._exit(137)
+
+
+def poison(name: str, step: int) -> float:
+    """`MEDVL_NAN=name:3,5` makes this return NaN at steps 3 and 5 (multiplied into a loss or a grad norm)."""
+    spec = os.environ.get("MEDVL_NAN", "")
+    point, _, steps = spec.partition(":")
+    return float("nan") if point == name and str(step) in steps.split(",") else 1.0

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from common import dist, forward
+from common import dist, forward, prompts
 from common.model import banned_token_ids, stop_token_ids
 
 
@@ -48,6 +48,39 @@ def encode(processor, tokenizer, prompt: Prompt) -> forward.Segment:
             prompt.segment = forward.Segment(tokenizer(prompt.text, return_tensors="pt", add_special_tokens=False)[
                 "input_ids"][0])
     return prompt.segment
+
+
+def encode_sft(processor, tokenizer, item) -> forward.Segment:
+    """The conversation `prompt + <think> {reasoning} </think>\\n<answer> {label} </answer><|im_end|>\\n` as one
+    Segment whose target_mask covers exactly the assistant tokens (the generation prompt itself is not a target)."""
+    vl = processor is not None
+    owner = processor if vl else tokenizer
+    msgs = prompts.messages(item.question, item.options, len(item.images), vl)
+    prompt = prompts.render(owner, msgs)
+    full = prompts.render(owner, msgs, prompts.sft_target(item.reasoning or "", item.answer_label))
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently inside the full conversation")
+    if vl:
+        enc = processor(text=[full], images=item.images or None, return_tensors="pt")
+        ids, pix, grid = enc["input_ids"][0], enc.get("pixel_values"), enc.get("image_grid_thw")
+    else:
+        ids, pix, grid = tokenizer(full, return_tensors="pt", add_special_tokens=False)["input_ids"][0], None, None
+    # prompt length = its text tokens + the extra <|image_pad|> copies the processor inserted per image
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if grid is not None:
+        merge = processor.image_processor.merge_size
+        n_prompt += int((grid.prod(-1) // merge**2 - 1).sum())
+    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if vl and grid is not None:  # collapse the expanded pads to compare token by token
+        pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        got = [t for k, t in enumerate(ids[:n_prompt].tolist()) if not (t == pad and k > 0 and ids[k - 1] == pad)]
+    else:
+        got = ids[:n_prompt].tolist()
+    if got != head:
+        raise ValueError("prompt tokens differ inside the full conversation (a merge across the turn boundary)")
+    mask = torch.zeros(len(ids), dtype=torch.bool)
+    mask[n_prompt:] = True
+    return forward.Segment(ids, pix, grid, target_mask=mask)
 
 
 def row_seed(seed: int, sample: int) -> int:

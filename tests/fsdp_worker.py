@@ -37,5 +37,69 @@ def generate(path, out):
     dist.cleanup()
 
 
+def _sharded(path, d):
+    model = build_meta(path, dtype="fp32")
+    fsdp.shard(model, param_dtype="fp32")
+    fsdp.load_from_rank0(model, path, d.device)
+    return model
+
+
+def _sft_samples(path, data, n):
+    from common.data import load_rows, parse_row
+    from common.generate import encode_sft
+
+    proc, tok = load_processor(path)
+    rows = load_rows(data)
+    return [encode_sft(proc, tok, parse_row(rows[i])) for i in range(n)], proc, tok
+
+
+def sft_grad(path, data, micro, rows, out):
+    """Gradient of the SFT loss on the first 4 samples, split over ranks and micro-batches as asked; saved by rank 0."""
+    from sft import token_loss
+
+    d = dist.init(seed=0, timeout_s=120)
+    model = _sharded(path, d)
+    samples, _, _ = _sft_samples(path, data, 4)
+    per = 4 // d.world_size
+    mine = samples[d.rank * per : (d.rank + 1) * per]
+    n_tok = int(dist.all_reduce_sum(sum(int(s.target_mask.sum()) for s in mine)))
+    micro = int(micro)
+    for m in range(0, per, micro):
+        lp, _ = model.mvl_logprobs(fw.pack(mine[m : m + micro], model, rows=rows))
+        token_loss(lp, n_tok).backward()
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in model.named_parameters()}
+    if d.rank == 0:
+        torch.save(grads, out)
+    print(f"OK rank {d.rank}", flush=True)
+    dist.cleanup()
+
+
+def export(path, data, out):
+    """Two SFT steps, then: logits of the sharded model == logits of the exported HF folder reloaded by transformers."""
+    from common import checkpoint
+    from common.model import load_model
+
+    d = dist.init(seed=0, timeout_s=120)
+    model = _sharded(path, d)
+    samples, proc, tok = _sft_samples(path, data, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        lp, _ = model.mvl_logprobs(fw.pack(samples[d.rank :: 2], model))
+        (-lp.mean()).backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        mine, _ = model.mvl_logprobs(fw.pack(samples[:2], model))
+    checkpoint.export_hf(model, out, proc, tok, {"stage": "test"})
+    if d.rank == 0:
+        again = load_model(out, dtype="fp32").eval()
+        with torch.no_grad():
+            theirs, _ = again.mvl_logprobs(fw.pack(samples[:2], again))
+        print(f"max abs diff {float((mine - theirs).abs().max()):.3e}", flush=True)
+    print(f"OK rank {d.rank}", flush=True)
+    dist.cleanup()
+
+
 if __name__ == "__main__":
-    {"generate": generate}[sys.argv[1]](*sys.argv[2:])
+    {"generate": generate, "sft_grad": sft_grad, "export": export}[sys.argv[1]](*sys.argv[2:])

@@ -1,0 +1,141 @@
+"""The one checkpoint format: resumable DCP shards (model, optimizer, RNG, state.json) and an HF export folder.
+
+    out/ckpt/step_000042/        DCP shards of {"model", "optim"}, rng_rank{r}.pt, state.json, COMPLETE
+    out/<name>/                  HF folder: safetensors + config + processor/tokenizer + generation config + meta.json
+
+Both are written into a `.tmp` folder and renamed when complete, so `latest()` never picks a half-written one; it
+reports the ones it skips. The HF folder loads with transformers, vLLM, evaluate.py and grpo.py as it is.
+"""
+
+import glob
+import json
+import os
+import random
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+from common import fsdp
+from common.data import write_json
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def param_signature(model) -> dict:
+    """{name: shape} of the full parameters, to check a checkpoint belongs to this model before loading it."""
+    out = {}
+    for name, p in model.named_parameters():
+        shape = p.shape if not hasattr(p, "full_tensor") else p.size()
+        out[name] = list(shape)
+    return out
+
+
+def save(folder: str, step: int, model, optimizer, state: dict) -> str:
+    """Write out/ckpt/step_N atomically (every rank calls this)."""
+    final = os.path.join(folder, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(sd, checkpoint_id=tmp)
+    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+           "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, os.path.join(tmp, f"rng_rank{_rank()}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if _rank() == 0:
+        write_json(os.path.join(tmp, "state.json"), {**state, "step": step, "params": param_signature(model)})
+        open(os.path.join(tmp, "COMPLETE"), "w").close()
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def latest(folder: str, report=print) -> str | None:
+    """Newest complete checkpoint under `folder`; incomplete or broken ones are reported and skipped."""
+    found = []
+    for path in glob.glob(os.path.join(folder, "step_*")):
+        name = os.path.basename(path)
+        if name.endswith(".tmp"):
+            report(f"ignoring {path}: an interrupted save (no rename)")
+            continue
+        if not os.path.exists(os.path.join(path, "COMPLETE")):
+            report(f"ignoring {path}: no COMPLETE marker")
+            continue
+        try:
+            with open(os.path.join(path, "state.json")) as f:
+                step = json.load(f)["step"]
+        except (OSError, ValueError, KeyError) as e:
+            report(f"ignoring {path}: unreadable state.json ({type(e).__name__})")
+            continue
+        found.append((step, path))
+    return max(found)[1] if found else None
+
+
+def load(path: str, model, optimizer) -> dict:
+    """Load a checkpoint written by save() into a sharded model + optimizer; restore RNG; return state.json."""
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    want, have = state.get("params", {}), param_signature(model)
+    if want and want != have:
+        diff = sorted(set(want) ^ set(have))[:5] or [k for k in want if want[k] != have.get(k)][:5]
+        raise ValueError(f"checkpoint {path} does not match this model (first differences: {diff})")
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, optimizer, sd["optim"])
+    rng_path = os.path.join(path, f"rng_rank{_rank()}.pt")
+    if os.path.exists(rng_path):
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate((3, tuple(rng["python"]), rng["python_pos"]))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state
+
+
+def export_hf(model, folder: str, processor=None, tokenizer=None, meta: dict | None = None,
+              dtype: torch.dtype | None = None) -> str | None:
+    """Gather the full weights to rank 0 and write a plain HF folder there (every rank calls this)."""
+    sd = fsdp.full_state_dict(model)
+    if _rank() != 0:
+        if dist.is_initialized():
+            dist.barrier()
+        return None
+    from common.model import model_class
+
+    with torch.device("meta"):
+        cpu_model = model_class(model.config).from_config(model.config)
+    cpu_model.load_state_dict({k: (v.to(dtype) if dtype is not None else v) for k, v in sd.items()}, assign=True,
+                              strict=False)
+    cpu_model.tie_weights()
+    tmp = folder.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cpu_model.config.use_cache = True
+    cpu_model.save_pretrained(tmp, safe_serialization=True)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+    for owner in (processor, tokenizer):
+        if owner is not None:
+            owner.save_pretrained(tmp)
+    write_json(os.path.join(tmp, "meta.json"), meta or {})
+    if os.path.exists(folder):
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    if dist.is_initialized():
+        dist.barrier()
+    return folder

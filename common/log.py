@@ -1,0 +1,108 @@
+"""Run logging: one metric line per step, a JSONL file, optional wandb, PNG curves, MFU against peak FLOPs."""
+
+import json
+import os
+import subprocess
+import time
+
+import torch
+
+# Dense bf16 peak FLOP/s per GPU (vendor datasheets); MFU is reported only where the peak is known.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+             "A10G": 125e12, "L4": 121e12, "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def git_sha() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class DummyWandb:
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+class Logger:
+    """Rank-0 metrics: stdout line, out/metrics.jsonl (appended, so a resumed run continues it), wandb if asked."""
+
+    def __init__(self, out: str, config: dict, is_main: bool, use_wandb: bool = False, project: str = "medvlthinker"):
+        self.is_main, self.path = is_main, os.path.join(out, "metrics.jsonl")
+        self.wandb = DummyWandb()
+        if is_main:
+            os.makedirs(out, exist_ok=True)
+            if use_wandb:
+                try:
+                    import wandb
+
+                    self.wandb = wandb.init(project=project, config=config, dir=out)
+                except ImportError:
+                    print("wandb is not installed; logging to metrics.jsonl only", flush=True)
+
+    def log(self, step: int, metrics: dict, line: str | None = None) -> None:
+        if not self.is_main:
+            return
+        if line:
+            print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **metrics}, default=float) + "\n")
+        self.wandb.log(metrics, step=step)
+
+    def read(self) -> list:
+        if not os.path.exists(self.path):
+            return []
+        rows = {}
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                rows[r["step"]] = r  # a resumed run rewrites the steps after its checkpoint: keep the last
+        return [rows[k] for k in sorted(rows)]
+
+    def finish(self):
+        self.wandb.finish()
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def plot_curves(rows: list, keys: list, path: str, title: str = "") -> None:
+    """One panel per metric key against step; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)

@@ -1,0 +1,277 @@
+"""Supervised fine-tuning on reasoning traces (RECIPE §5), a hand-written FSDP2 loop.
+
+The target is the recipe's assistant turn `<think> {reasoning} </think>\\n<answer> {label} </answer>` and the loss
+falls on the assistant tokens only (that text plus `<|im_end|>\\n`). Every optimizer step sees exactly
+`global_batch` samples (recipe: 16); each rank packs its micro-batches into padding-free rows, and the summed token
+loss is divided by the number of loss tokens in the *global* batch, so the gradient does not depend on the
+micro-batch split or the number of ranks. Recipe defaults: lr 1e-5 cosine with 5 % warmup, AdamW (0.9, 0.95),
+weight decay 1e-4 (not on biases/norms, as HF Trainer), bf16, 5 epochs, a save per epoch (released = epoch 3).
+
+    python sft.py --model <folder> --data data/sample/text --epochs 1            # one process, CPU or GPU
+    torchrun --nproc_per_node 8 sft.py --model 7b --data text                    # the recipe's SFT(m23k)
+    torchrun --nproc_per_node 8 sft.py --model 7b --data image                   # SFT(PMC)
+    bash run/sft_7b.sh                                                           # the same, with every flag visible
+
+Checkpoints: out/ckpt/step_N (resumable with --resume auto) and HF folders out/epoch_E (+ out/final -> the last)
+that transformers, vLLM, evaluate.py and grpo.py load directly.
+"""
+
+import math
+import os
+import random
+import time
+
+import torch
+
+from common import checkpoint, cli, dist, forward, fsdp
+from common.data import RowError, load_rows, parse_row, write_json
+from common.faults import crash_point, poison
+from common.generate import encode_sft
+from common.log import Logger, fmt, git_sha, peak_flops, plot_curves
+from common.model import build_meta, flops_per_token, load_processor, resolve
+
+DATASETS = {"text": ["UCSC-VLAA/MedVLThinker-m23k-tokenized"],
+            "image": ["UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized"]}
+DATASETS["mixed"] = DATASETS["text"] + DATASETS["image"]
+# The few knobs that depend on model size (everything else is a flag; run/sft_*.sh spell them out).
+SIZES = {"3b": dict(activation_checkpointing=False), "7b": dict(activation_checkpointing=False),
+         "32b": dict(activation_checkpointing=True), "72b": dict(activation_checkpointing=True)}
+
+# -----------------------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def lr_at(step: int, total: int, warmup_ratio: float, schedule: str = "cosine") -> float:
+    """LR multiplier for optimizer update `step` (0-based), as HF's schedulers: linear warmup from 0, then cosine or
+    constant. The first update of a warmed-up run uses multiplier 0, exactly like the recipe's TRL run."""
+    warmup = math.ceil(total * warmup_ratio)
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_plan(global_batch: int, micro_batch: int, world: int) -> int:
+    """Gradient-accumulation steps per optimizer step; fails up front when the numbers do not divide."""
+    if global_batch % (micro_batch * world) != 0 or global_batch < micro_batch * world:
+        raise ValueError(f"global_batch {global_batch} is not a positive multiple of micro_batch {micro_batch} x "
+                         f"world size {world}: that leaves no whole number of micro-steps")
+    return global_batch // (micro_batch * world)
+
+
+def step_indices(n: int, step: int, steps_per_epoch: int, global_batch: int, seed: int, rank: int, world: int):
+    """Row indices of this rank's share of optimizer step `step`: a seeded permutation per epoch, remainder dropped."""
+    epoch, k = divmod(step, steps_per_epoch)
+    perm = random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
+    batch = perm[k * global_batch : (k + 1) * global_batch]
+    per = global_batch // world
+    return batch[rank * per : (rank + 1) * per]
+
+
+def token_loss(logp: torch.Tensor, n_global_tokens: int) -> torch.Tensor:
+    """Summed negative log-likelihood of this micro-batch's loss tokens over the global batch's loss-token count."""
+    return -logp.sum() / max(1, n_global_tokens)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def main(
+    # Model
+    model: str = "7b",  # preset (3b/7b/32b/72b), hub id or folder
+    dtype: str = "bf16",  # compute dtype (FSDP mixed precision; master weights and reductions stay fp32)
+    attn: str = "auto",  # auto = flash_attention_2 if installed on GPU, else sdpa
+    activation_checkpointing: str = "auto",  # auto = from the size table (on for 32b) | true | false
+    cpu_offload: bool = False,  # FSDP2 CPU offload of params/grads/optimizer state
+    freeze_vision: bool = False,  # recipe trains everything
+    trust_remote_code: bool = False,
+    # Data
+    data: str = "text",  # text (m23k) | image (PMC-VQA + GPT-4o CoT) | mixed | comma-separated folders/hub ids
+    split: str = "train",
+    max_length: int = 32768,  # longer conversations are skipped (counted); recipe block_size 32768
+    packing: bool = True,  # padding-free rows (False = padded reference mode)
+    # Optimization (recipe §5.1)
+    lr: float = 1e-5,
+    schedule: str = "cosine",  # cosine | constant
+    warmup_ratio: float = 0.05,
+    beta1: float = 0.9,
+    beta2: float = 0.95,
+    weight_decay: float = 1e-4,
+    grad_clip: float = 1.0,  # HF Trainer's max_grad_norm
+    global_batch: int = 16,  # samples per optimizer step, all ranks together
+    micro_batch: int = 1,  # samples per forward pass per rank (packed into one row)
+    epochs: int = 5,
+    max_steps: int = -1,  # stop early (-1 = epochs * steps per epoch)
+    seed: int = 42,
+    max_bad_steps: int = 3,  # consecutive non-finite steps before the run stops
+    # Checkpoints and logging
+    out: str = "",  # '' = outputs/sft/<model>-<data>
+    save_every: int = 0,  # extra resumable checkpoints every N steps (0 = epoch ends only)
+    export_every_epoch: bool = True,  # HF folder out/epoch_E at each epoch end
+    resume: str = "auto",  # auto = newest complete checkpoint in out/ckpt | '' = start fresh | a step_N folder
+    wandb: bool = False,
+    log_every: int = 1,
+):
+    user_config = dict(locals())
+    t_start = time.time()
+    d = dist.init(seed=seed)
+    size = SIZES.get(model.lower(), {})
+    ckpt_on = size.get("activation_checkpointing", False) if activation_checkpointing == "auto" \
+        else activation_checkpointing == "true"
+    out = out or os.path.join("outputs", "sft", f"{os.path.basename(resolve(model).rstrip('/'))}-{data.replace('/', '_')}")
+    accum = batch_plan(global_batch, micro_batch, d.world_size)
+    if d.is_main:
+        os.makedirs(out, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise SystemExit(f"output folder {out} is not writable")
+        write_json(os.path.join(out, "config.json"), {**user_config, "git": git_sha(), "world_size": d.world_size})
+        print(f"sft: {model} on {data} | world {d.world_size} x micro {micro_batch} x accum {accum} = "
+              f"{global_batch} samples/step | out {out}", flush=True)
+    log = Logger(out, user_config, d.is_main, wandb)
+
+    # Data: text fields are validated up front; rows without a trace or over max_length are skipped and counted
+    sources = DATASETS.get(data, data.split(","))
+    tables = [(src, load_rows(src, split)) for src in sources]
+    processor, tokenizer = load_processor(model, trust_remote_code)
+    index, skipped = [], {}
+    for t, (src, ds) in enumerate(tables):
+        cols = [c for c in ds.column_names if c != "images"]
+        for i, row in enumerate(ds.select_columns(cols)):
+            try:
+                item = parse_row(row, need_images=False)
+                if not (item.reasoning or "").strip():
+                    raise RowError("no reasoning trace")
+                if processor is None and "images" in ds.column_names and ds[i]["images"]:
+                    raise RowError("has images but the model is text-only")
+                index.append((t, i))
+            except RowError as e:
+                key = str(e).split(":")[0][:60]
+                skipped[key] = skipped.get(key, 0) + 1
+    if skipped and d.is_main:
+        print(f"skipped rows: {skipped}", flush=True)
+    steps_per_epoch = len(index) // global_batch
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(index)} usable rows cannot fill one global batch of {global_batch}")
+    total = epochs * steps_per_epoch if max_steps < 0 else min(max_steps, epochs * steps_per_epoch)
+
+    def sample(k):
+        t, i = index[k]
+        src, ds = tables[t]
+        item = parse_row(ds[i], src if os.path.isdir(src) else None)
+        return encode_sft(processor, tokenizer, item)
+
+    # Model: meta -> shard -> rank 0 reads the weights and broadcasts -> optimizer
+    net = build_meta(model, dtype="fp32", attn=attn, trust_remote_code=trust_remote_code)
+    fsdp.shard(net, param_dtype=dtype, cpu_offload=cpu_offload, activation_checkpointing=ckpt_on,
+               freeze_vision=freeze_vision)
+    fsdp.load_from_rank0(net, model, d.device, trust_remote_code)
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=1e-8)
+    peak = peak_flops(d.device)
+
+    # Resume
+    step = 0
+    if resume:
+        path = checkpoint.latest(os.path.join(out, "ckpt"), report=dist.print0) if resume == "auto" else resume
+        if path:
+            state = checkpoint.load(path, net, opt)
+            step = state["step"]
+            dist.print0(f"resumed from {path} at step {step}")
+
+    # Training loop
+    bad, seen_tokens, t_last, start_step = 0, 0, time.time(), step
+    while True:
+        last_step = step >= total
+        epoch_end = step > 0 and step % steps_per_epoch == 0
+        fresh = step != start_step  # the checkpoint we resumed from is not written again
+        if step > 0 and (epoch_end or last_step or (save_every and step % save_every == 0)):
+            if fresh:
+                checkpoint.save(os.path.join(out, "ckpt"), step, net, opt, {"epoch": step / steps_per_epoch,
+                                                                            "user_config": user_config})
+            name = f"epoch_{step // steps_per_epoch}" if epoch_end else f"step_{step:06d}"
+            if ((epoch_end and export_every_epoch) or last_step) and (
+                    fresh or not os.path.exists(os.path.join(out, name, "meta.json"))):
+                checkpoint.export_hf(net, os.path.join(out, name), processor, tokenizer,
+                                     {"stage": "sft", "step": step, "epoch": step / steps_per_epoch,
+                                      "user_config": user_config, "git": git_sha()},
+                                     dtype=torch.bfloat16 if dtype == "bf16" else None)
+            if last_step and d.is_main:
+                link = os.path.join(out, "final")
+                if os.path.lexists(link):
+                    os.remove(link)
+                os.symlink(name, link)
+        if last_step:
+            break
+        crash_point("sft_step")
+
+        # one optimizer step: this rank's samples, global loss-token count, micro-steps
+        mine = [sample(k) for k in step_indices(len(index), step, steps_per_epoch, global_batch, seed, d.rank,
+                                                d.world_size)]
+        too_long = [len(s.ids) for s in mine if len(s.ids) > max_length]
+        if too_long:
+            raise SystemExit(f"step {step}: a conversation of {too_long[0]} tokens exceeds max_length {max_length}")
+        n_tok = int(dist.all_reduce_sum(sum(int(s.target_mask.sum()) for s in mine)))
+        loss_sum, tokens = 0.0, sum(len(s.ids) for s in mine)
+        for m in range(accum):
+            micro = mine[m * micro_batch : (m + 1) * micro_batch]
+            net.set_requires_gradient_sync(m == accum - 1)
+            packed = forward.pack(micro, net, rows="packed" if packing else "padded").to(d.device)
+            logp, _ = net.mvl_logprobs(packed)
+            loss = token_loss(logp, n_tok) * poison("sft_loss", step)
+            loss.backward()
+            loss_sum += float(loss.detach())
+        norm = fsdp.clip_grad_norm_(params, grad_clip) * poison("sft_grad", step)
+        loss_all = dist.all_reduce_sum(loss_sum)
+        lrm = lr_at(step, total, warmup_ratio, schedule)
+        if not (math.isfinite(loss_all) and math.isfinite(float(norm))):
+            bad += 1
+            opt.zero_grad(set_to_none=True)
+            dist.print0(f"step {step}: non-finite loss {loss_all} / grad norm {float(norm)}: update skipped "
+                        f"({bad} in a row)")
+            log.log(step + 1, {"skipped": 1, "loss": None})
+            if bad >= max_bad_steps:
+                raise SystemExit(f"stopping: {bad} non-finite steps in a row (lower the lr, check the data)")
+            step += 1
+            continue
+        bad = 0
+        for g in opt.param_groups:
+            g["lr"] = lr * lrm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+
+        # one line per step
+        dt, t_last = time.time() - t_last, time.time()
+        tok_all = dist.all_reduce_sum(tokens)
+        seen_tokens += tok_all
+        tps = tok_all / dt
+        mfu = tps * flops_per_token(net, max(len(s.ids) for s in mine)) / (peak * d.world_size) if peak else None
+        mem = torch.cuda.max_memory_allocated() / 2**30 if d.device.type == "cuda" else None
+        eta = (total - step) * (time.time() - t_start) / max(1, step)
+        metrics = {"loss": loss_all, "lr": lr * lrm, "grad_norm": float(norm), "epoch": step / steps_per_epoch,
+                   "tokens_per_s": tps, "mfu": mfu, "peak_mem_gib": mem, "loss_tokens": n_tok}
+        line = None
+        if step % log_every == 0 or step == total:
+            line = (f"step {step:05d}/{total:05d} | epoch {step / steps_per_epoch:.2f} | loss {loss_all:.4f} | "
+                    f"lr {lr * lrm:.3g} | gnorm {float(norm):.3f} | tok/s {tps:.0f} | mfu "
+                    f"{fmt(100 * mfu) + '%' if mfu else 'n/a'} | mem {fmt(mem) + 'GiB' if mem else 'n/a'} | "
+                    f"eta {eta / 60:.1f}m")
+        log.log(step, metrics, line)
+
+    # Final summary
+    if d.is_main:
+        rows = log.read()
+        plot_curves(rows, ["loss", "lr", "grad_norm"], os.path.join(out, "curves.png"), f"sft {model} on {data}")
+        print(f"done: {step} steps, {seen_tokens} tokens this session, {(time.time() - t_start) / 60:.1f} min; "
+              f"HF folder {os.path.join(out, 'final')}", flush=True)
+    log.finish()
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    cli.run(main)

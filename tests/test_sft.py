@@ -1,0 +1,149 @@
+"""sft.py: schedule, batch plan, loss mask, exact gradients across splits/ranks, resume, export, learning.
+
+    pytest -q tests/test_sft.py"""
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+import sft
+from common.data import load_rows, parse_row
+from common.generate import encode_sft
+from common.model import load_processor
+from conftest import run_py, torchrun
+
+
+def test_lr_schedule_matches_hf_cosine_with_warmup():
+    total, warm = 100, 0.05
+    assert sft.lr_at(0, total, warm) == 0.0  # the first update of a warmed-up run uses lr 0 (HF semantics)
+    assert sft.lr_at(2, total, warm) == pytest.approx(2 / 5)
+    assert sft.lr_at(5, total, warm) == pytest.approx(1.0)
+    assert sft.lr_at(52, total, warm) == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 95)))
+    assert sft.lr_at(99, total, 0.0, "constant") == 1.0
+
+
+def test_batch_plan():
+    assert sft.batch_plan(16, 1, 8) == 2 and sft.batch_plan(16, 2, 1) == 8
+    for args in [(16, 3, 1), (16, 4, 8), (4, 1, 8)]:
+        with pytest.raises(ValueError, match="micro-steps"):
+            sft.batch_plan(*args)
+
+
+def test_step_indices_cover_each_epoch_once():
+    seen = []
+    for step in range(5):
+        for r in range(2):
+            seen += sft.step_indices(23, step, 5, 4, seed=1, rank=r, world=2)
+    assert len(seen) == 20 and len(set(seen)) == 20  # remainder of 3 dropped, no repeats within an epoch
+
+
+@pytest.mark.parametrize("fixture,data", [("tiny_vl", "image"), ("smollm2", "text")])
+def test_loss_mask_is_exactly_the_assistant_turn(request, sample_data, fixture, data):
+    path = request.getfixturevalue(fixture)
+    proc, tok = load_processor(path)
+    for row in list(load_rows(os.path.join(sample_data, data)))[:3]:
+        item = parse_row(row)
+        seg = encode_sft(proc, tok, item)
+        target = f"<think> {item.reasoning.strip()} </think>\n<answer> {item.answer_label} </answer>"
+        assert tok.decode(seg.ids[seg.target_mask]) == target + "<|im_end|>\n"
+        assert tok.decode(seg.ids[~seg.target_mask]).endswith("<|im_start|>assistant\n")
+
+
+def _grads(tmp_path, tiny_vl, sample_data, nproc, micro, rows):
+    out = tmp_path / f"g{nproc}{micro}{rows}.pt"
+    torchrun("tests/fsdp_worker.py", "sft_grad", tiny_vl, os.path.join(sample_data, "image"), str(micro), rows,
+             str(out), nproc=nproc, timeout=300)
+    return torch.load(out, weights_only=True)
+
+
+def test_gradient_is_identical_across_splits_ranks_and_packing(tmp_path, tiny_vl, sample_data):
+    ref = _grads(tmp_path, tiny_vl, sample_data, 1, 4, "padded")
+    for nproc, micro, rows in [(1, 1, "packed"), (1, 2, "packed"), (2, 1, "packed"), (2, 2, "padded")]:
+        got = _grads(tmp_path, tiny_vl, sample_data, nproc, micro, rows)
+        assert got.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4, msg=f"{k} ({nproc}, {micro}, {rows})")
+    assert any(float(g.abs().sum()) > 0 for k, g in ref.items() if "visual" in k)
+
+
+def test_export_reloads_with_identical_logits(tmp_path, tiny_vl, sample_data):
+    p = torchrun("tests/fsdp_worker.py", "export", tiny_vl, os.path.join(sample_data, "image"), str(tmp_path / "hf"),
+                 timeout=300)
+    diff = float(p.stdout.split("max abs diff ")[1].split()[0])
+    assert diff < 1e-5, p.stdout[-2000:]
+    meta = json.load(open(tmp_path / "hf" / "meta.json"))
+    assert meta["stage"] == "test" and (tmp_path / "hf" / "model.safetensors").exists()
+
+
+ARGS = ["--data", "", "--dtype", "fp32", "--global_batch", "4", "--micro_batch", "2", "--epochs", "2", "--lr", "1e-3",
+        "--warmup_ratio", "0", "--save_every", "3"]
+
+
+def _args(model, data, out):
+    a = list(ARGS)
+    a[1] = data
+    return ["sft.py", "--model", model, *a, "--out", str(out)]
+
+
+def _losses(out):
+    rows = {}
+    for line in open(os.path.join(out, "metrics.jsonl")):
+        r = json.loads(line)
+        rows[r["step"]] = r
+    return [rows[k]["loss"] for k in sorted(rows)]
+
+
+def test_kill_and_resume_reproduces_the_run_exactly(tmp_path, tiny_vl, sample_data):
+    data = os.path.join(sample_data, "image")
+    run_py(*_args(tiny_vl, data, tmp_path / "a"))
+    kill_at = random.Random().randint(2, 15)  # any step of the 16
+    p = run_py(*_args(tiny_vl, data, tmp_path / "b"), env={"MEDVL_CRASH": f"sft_step:{kill_at}"}, check=False)
+    assert p.returncode == 137
+    p = run_py(*_args(tiny_vl, data, tmp_path / "b"))
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b"), kill_at
+    a = (tmp_path / "a" / "final" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "final" / "model.safetensors").read_bytes()
+
+
+def test_two_ranks_match_one(tmp_path, tiny_vl, sample_data):
+    data = os.path.join(sample_data, "image")
+    run_py(*_args(tiny_vl, data, tmp_path / "one"), "--max_steps", "3")
+    torchrun(*_args(tiny_vl, data, tmp_path / "two"), "--max_steps", "3", "--micro_batch", "1", timeout=300)
+    one = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
+    two = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_tiny_model_overfits(tmp_path, tiny_vl, sample_data):
+    run_py("sft.py", "--model", tiny_vl, "--data", os.path.join(sample_data, "image"), "--dtype", "fp32",
+           "--global_batch", "4", "--epochs", "40", "--max_steps", "60", "--lr", "3e-3", "--schedule", "constant",
+           "--warmup_ratio", "0", "--out", str(tmp_path / "o"), "--export_every_epoch", "false", "--log_every", "20")
+    losses = _losses(tmp_path / "o")
+    assert losses[0] > 5.0 and min(losses[-5:]) < 0.5 * losses[0]
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, tiny_vl, sample_data):
+    base = _args(tiny_vl, os.path.join(sample_data, "image"), tmp_path / "n")
+    p = run_py(*base, "--max_steps", "4", env={"MEDVL_NAN": "sft_loss:1"})
+    assert "step 1: non-finite loss" in p.stdout and "update skipped" in p.stdout
+    rows = [json.loads(x) for x in open(tmp_path / "n" / "metrics.jsonl")]
+    assert [r.get("skipped", 0) for r in rows] == [0, 1, 0, 0]
+    p = run_py(*_args(tiny_vl, os.path.join(sample_data, "image"), tmp_path / "m"), "--max_steps", "6",
+               "--max_bad_steps", "2", env={"MEDVL_NAN": "sft_grad:2,3"}, check=False)
+    assert p.returncode != 0 and "2 non-finite steps in a row" in p.stdout
+
+
+@pytest.mark.slow
+def test_smollm2_sft_lowers_loss_on_bundled_traces(tmp_path, smollm2, sample_data):
+    run_py("sft.py", "--model", smollm2, "--data", os.path.join(sample_data, "text"), "--dtype", "fp32",
+           "--global_batch", "8", "--micro_batch", "4", "--epochs", "2", "--lr", "5e-5", "--warmup_ratio", "0",
+           "--out", str(tmp_path / "s"), "--export_every_epoch", "false", timeout=900)
+    losses = _losses(tmp_path / "s")
+    assert len(losses) == 12
+    first, second = sum(losses[:6]) / 6, sum(losses[6:]) / 6  # same 48 samples each epoch
+    assert second < 0.8 * first, (first, second)
