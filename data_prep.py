@@ -36,8 +36,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from common import cli, dist, grading, prompts
-from common.data import (RowError, atomic_dir, bound_image, features, load_image, load_rows, parse_options, parse_row,
-                         to_row, write_json)
+from common.data import (RowError, atomic_dir, bound_image, data_root, features, load_image, load_rows, parse_options,
+                         parse_row, to_row, write_json)
 from common.sample_facts import FACTS
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def pmc_vqa_rows(csv_path, image_dir, name="pmc_vqa"):
 def unified_rows(source, split="test"):
     """Rows already in the unified schema (a hub dataset or a local copy)."""
     ds = load_rows(source, split)
-    root = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else None
+    root = data_root(source)
 
     def rows():
         for i in range(len(ds)):
@@ -774,7 +774,7 @@ def sft(
                 m = re.search(r"<think>(.*?)</think>", r.get("response", ""), re.DOTALL)
                 if ok and m and r["dataset_index"] not in found:
                     found[r["dataset_index"]] = m.group(1).strip()
-    root = data if os.path.isdir(data) else None
+    root = data_root(data)
 
     def rows():
         for i in range(len(ds)):

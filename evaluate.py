@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from common import cli, dist, grading, prompts
 from common.faults import crash_point
-from common.data import RowError, load_rows, parse_row, write_json
+from common.data import RowError, data_root, load_rows, parse_row, write_json
 from common.generate import HFEngine, Prompt, VLLMEngine, row_seed
 from common.model import load_model, load_processor, resolve
 
@@ -242,7 +242,7 @@ def main(
     processor, tokenizer = load_processor(model, trust_remote_code)
     rows = load_rows(data, split)
     wanted = None if benchmarks == "all" else set(benchmarks.split(","))
-    root = data if os.path.isdir(data) else os.path.dirname(os.path.abspath(data))
+    root = data_root(data)
     items, rejects, per_bench = [], [], Counter()
     for i in range(len(rows)):
         try:

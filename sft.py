@@ -24,7 +24,7 @@ import time
 import torch
 
 from common import checkpoint, cli, dist, forward, fsdp
-from common.data import RowError, load_rows, parse_row, write_json
+from common.data import RowError, data_root, load_rows, parse_row, write_json
 from common.faults import crash_point, poison
 from common.generate import encode_sft
 from common.log import Logger, fmt, git_sha, peak_flops, plot_curves
@@ -159,7 +159,7 @@ def main(
     def sample(k):
         t, i = index[k]
         src, ds = tables[t]
-        item = parse_row(ds[i], src if os.path.isdir(src) else None)
+        item = parse_row(ds[i], data_root(src))
         return encode_sft(processor, tokenizer, item)
 
     # Model: meta -> shard -> rank 0 reads the weights and broadcasts -> optimizer

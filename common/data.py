@@ -73,6 +73,13 @@ def load_rows(source: str, split: str = "test"):
     return datasets.load_dataset(source, split=split)
 
 
+def data_root(source: str) -> str | None:
+    """The folder that relative image paths in `source` resolve against (None for hub datasets)."""
+    if os.path.isdir(source):
+        return source
+    return os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else None
+
+
 def _no_dupes(pairs):
     keys = [k for k, _ in pairs]
     if len(keys) != len(set(keys)):

@@ -35,6 +35,7 @@ def shard(model, param_dtype: str = "bf16", reduce_dtype: str = "fp32", cpu_offl
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
+    cpu_offload = cpu_offload and torch.cuda.is_available()  # offloading to the CPU from the CPU means nothing
     kw = dict(mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else None)
     kw = {k: v for k, v in kw.items() if v is not None}
     for block in blocks(model):

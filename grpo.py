@@ -1,0 +1,651 @@
+"""GRPO with verifiable rewards (RECIPE §4, §6): our own loop, FSDP2 actor, vLLM or HF rollouts, exact by construction.
+
+Which GRPO runs by default (verl @ 54b2677 as the recipe configured it):
+  * per step `train_batch` prompts (256) x `n` responses (8) at temperature 1.0, top_p 1.0, <= 4096 new tokens;
+  * reward = strict_reward (format fullmatch x exact answer, common/grading.py), binary, no partial credit;
+  * advantage = (r - group mean) / (group std + 1e-6), unbiased std, broadcast over the response's tokens;
+  * PPO-clip surrogate, eps 0.2/0.2, dual-clip c = 3 for negative advantages, log-ratio clamped to +-20;
+  * KL to the frozen reference in the loss: k3 ("low_var_kl", clamped to +-10), coefficient 0.01; no KL in reward;
+  * entropy coefficient 0; loss aggregated token-mean over the *global* mini-batch (exact across micro-batches
+    and ranks); mini_batch 128 prompts -> 2 optimizer updates per step, 1 PPO epoch; old log-probs are recomputed
+    only when more than one update uses the same rollouts (else ratio == 1 exactly);
+  * AdamW lr 1e-6 constant, betas (0.9, 0.999), weight decay 0.01, grad clip 1.0; shuffled data, seed 1;
+  * m23k: 5 epochs; PMC-VQA: 1 epoch.
+Deviation flags: --clip_high (DAPO clip-higher), --clip_c 0 (no dual clip), --kl_type k1|k2|k3, --kl_coef 0 (no
+reference model is loaded), --entropy_coef, --loss_agg seq-mean-token-mean (original GRPO) |
+seq-mean-token-sum-norm (Dr.GRPO, with --norm_std false), --drop_zero_var (skip all-right/all-wrong groups),
+--mask_truncated (length-truncated responses get no loss), --overlong_buffer/--overlong_penalty (DAPO soft
+penalty), --reward module:function (own reward), --shuffle false (easy-to-hard curriculum).
+Sampling never emits vision special tokens. Rollout seeds derive from (seed, step, dataset_index, sample), so a
+resumed run samples the same responses.
+
+    python grpo.py --model <folder> --data data/sample/text --engine hf ...        # one process, CPU or GPU
+    torchrun --nproc_per_node 8 grpo.py --model 7b --data text                     # the paper's RL(m23k)
+    bash run/grpo_7b.sh                                                            # the same, every flag visible
+"""
+
+import importlib
+import inspect
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from common import checkpoint, cli, dist, forward, fsdp, grading, prompts
+from common.data import RowError, data_root, load_rows, parse_row, write_json
+from common.faults import crash_point, poison
+from common.generate import HFEngine, Prompt, VLLMEngine, encode, row_seed
+from common.log import Logger, fmt, git_sha, peak_flops, plot_curves
+from common.model import build_meta, load_processor, num_params, resolve
+
+# Curated training sets written by data_prep.py (run/data_prep.sh builds them): 3B pass counts, 1..7 of 16.
+DATASETS = {"text": "data/m23k_3b_e2h", "image": "data/pmc_vqa_3b_e2h"}
+EPOCHS = {"text": 5, "image": 1}  # recipe: RL(m23k) 5 epochs, RL(PMC) 1 epoch
+# The few knobs that depend on model size: responses per micro-batch per GPU, rollout TP, activation checkpointing.
+SIZES = {"3b": dict(micro_batch=32, tp=2), "7b": dict(micro_batch=32, tp=2), "32b": dict(micro_batch=16, tp=4),
+         "72b": dict(micro_batch=8, tp=8)}
+
+# -----------------------------------------------------------------------------------------------------------------
+# Pure helpers (the math; tests check them against formulas written out)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, norm_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """(B*G,) rewards laid out group by group -> (B*G,) advantages (r - mean) / (std + eps), unbiased std as verl.
+
+    A group of one gets mean 0 and std 1, as in verl."""
+    r = rewards.float().view(-1, group_size)
+    if group_size == 1:
+        mean, std = torch.zeros_like(r), torch.ones_like(r)
+    else:
+        mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True)
+    adv = r - mean
+    if norm_std:
+        adv = adv / (std + eps)
+    return adv.view(-1)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kl_type: str = "k3") -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate from sampled tokens: k1 = -d, k2 = d^2/2, k3 = e^d - d - 1 (d = ref - logp)."""
+    d = (ref_logp - logp).clamp(-20, 20)
+    if kl_type == "k1":
+        return -d
+    if kl_type == "k2":
+        return 0.5 * d**2
+    if kl_type == "k3":
+        return (d.exp() - d - 1).clamp(-10, 10)
+    raise ValueError(f"kl_type {kl_type!r}: use k1, k2 or k3")
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, loss_agg: str, normaliser: float | None,
+              max_len: int | None = None) -> torch.Tensor:
+    """Reduce (B, T) per-token values to this shard's share of the global loss.
+
+    token-mean:              sum(m * v) / (global token count)
+    seq-mean-token-mean:     sum_i mean_t(v_i) / (global sequence count)
+    seq-mean-token-sum-norm: sum(m * v) / (global sequence count * max_len)      (Dr.GRPO)
+    `normaliser` is that global count (None = this shard's own), so summing the shards over micro-batches and
+    ranks gives exactly the loss of the whole mini-batch."""
+    m = mask.to(values.dtype)
+    if loss_agg == "token-mean":
+        return (values * m).sum() / (normaliser if normaliser is not None else m.sum().clamp(min=1))
+    n_seq = normaliser if normaliser is not None else float(mask.any(1).sum().clamp(min=1))
+    if loss_agg == "seq-mean-token-mean":
+        return ((values * m).sum(1) / m.sum(1).clamp(min=1)).sum() / n_seq
+    if loss_agg == "seq-mean-token-sum-norm":
+        return (values * m).sum() / (n_seq * (max_len or mask.shape[1]))
+    raise ValueError(f"loss_agg {loss_agg!r}")
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_high=0.2, clip_c=3.0, kl_coef=0.01,
+                kl_type="k3", loss_agg="token-mean", num_tokens=None, entropy=None, entropy_coef=0.0, max_len=None):
+    """PPO-clip GRPO loss on (B, T) token log-probs with (B,) advantages -> (loss, metrics).
+
+    per token: pg = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), r = exp(clamp(logp - old, +-20));
+               for A < 0 also pg = min(pg, -A clip_c) (dual clip, off when clip_c <= 1);
+    loss = agg(pg) + kl_coef * agg(kl(logp, ref)) - entropy_coef * agg(entropy).
+    `num_tokens` is the global normaliser of `aggregate` (token count, or sequence count for the seq-mean modes)."""
+    a = advantages[:, None].to(logp.dtype)
+    log_ratio = (logp - old_logp).clamp(-20, 20)
+    ratio = log_ratio.exp()
+    pg1 = -a * ratio
+    pg2 = -a * ratio.clamp(1 - clip_low, 1 + clip_high)
+    pg = torch.maximum(pg1, pg2)
+    dual = torch.zeros_like(pg, dtype=torch.bool)
+    if clip_c > 1:
+        capped = torch.minimum(pg, -a * clip_c)
+        dual = (a < 0) & (capped < pg)
+        pg = torch.where(a < 0, capped, pg)
+    agg = lambda v: aggregate(v, mask, loss_agg, num_tokens, max_len)  # noqa: E731
+    loss = agg(pg)
+    m = mask.bool()
+    n = m.sum().clamp(min=1)
+    metrics = {"pg_loss": float(loss.detach()), "clip_frac": float(((pg2 > pg1) & m).sum() / n),
+               "dual_clip_frac": float((dual & m).sum() / n),
+               "approx_kl_old": float((0.5 * log_ratio.detach()**2 * m).sum() / n)}
+    if kl_coef != 0:
+        if ref_logp is None:
+            raise ValueError("kl_coef != 0 needs ref_logp")
+        kl = kl_penalty(logp, ref_logp, kl_type)
+        loss = loss + kl_coef * agg(kl)
+        metrics["kl"] = float((kl.detach() * m).sum() / n)
+    if entropy is not None:
+        metrics["entropy"] = float((entropy.detach() * m).sum() / n)
+        if entropy_coef:
+            loss = loss - entropy_coef * agg(entropy)
+    return loss, metrics
+
+
+def overlong_penalty(length: int, max_len: int, buffer: int, factor: float = 1.0) -> float:
+    """DAPO soft overlong punishment: 0 until max_len - buffer, then linearly down to -factor at max_len."""
+    if buffer <= 0 or length <= max_len - buffer:
+        return 0.0
+    return -min(1.0, (length - (max_len - buffer)) / buffer) * factor
+
+
+def pad_rows(flat: torch.Tensor, lengths: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (sum L_i,) per-token values -> (B, max L) zero-padded and its mask."""
+    T = max(lengths) if lengths else 0
+    out = flat.new_zeros(len(lengths), T)
+    mask = torch.zeros(len(lengths), T, dtype=torch.bool, device=flat.device)
+    pos = 0
+    for i, n in enumerate(lengths):
+        out[i, :n] = flat[pos : pos + n]
+        mask[i, :n] = True
+        pos += n
+    return out, mask
+
+
+def load_reward(spec: str):
+    """'' -> the strict recipe reward; 'module:function' -> a user reward called with the arguments it names among
+    (response, answer, answer_label, item, token_ids); it returns a float, or None to leave the sample out."""
+    if not spec:
+        return lambda response, item, token_ids: grading.strict_reward(response, item.answer, item.answer_label)
+    mod, _, name = spec.partition(":")
+    fn = getattr(importlib.import_module(mod), name)
+    wants = set(inspect.signature(fn).parameters)
+
+    def call(response, item, token_ids):
+        kw = {"response": response, "answer": item.answer, "answer_label": item.answer_label, "item": item,
+              "token_ids": token_ids}
+        return fn(**{k: v for k, v in kw.items() if k in wants})
+
+    return call
+
+
+@dataclass
+class Episode:
+    """One prompt and its group of sampled responses."""
+
+    item: object
+    prompt: Prompt
+    samples: list = field(default_factory=list)  # [Sample]
+    rewards: list = field(default_factory=list)
+    advantages: list = field(default_factory=list)
+    loss_mask: list = field(default_factory=list)  # per response: False = excluded (truncated / zero-variance)
+
+
+def episode_logprobs(net, episodes: list, device, micro_groups: int, share_prefix: bool, temperature: float = 1.0):
+    """Per response (T_i,) log-probs and entropies of the sampled tokens (no grad), `micro_groups` groups at a time."""
+    outs = []
+    for i in range(0, len(episodes), micro_groups):
+        packed = pack_groups(net, episodes[i : i + micro_groups], share_prefix).to(device)
+        with torch.no_grad():
+            lp, ent = net.mvl_logprobs(packed, temperature)
+        outs += split_by_response(packed, lp, ent)
+    return outs
+
+
+def micro_loss(net, episodes: list, old_lp: list | None, ref_lp: list | None, normaliser: float, device,
+               share_prefix: bool, temperature: float, algo: dict):
+    """This micro-batch's share of the mini-batch loss: whole groups packed into one row, one forward pass.
+
+    old_lp / ref_lp: per response (T_i,) log-probs in episode order (None: on-policy / no KL)."""
+    packed = pack_groups(net, episodes, share_prefix).to(device)
+    lp_flat, ent_flat = net.mvl_logprobs(packed, temperature)
+    lens = [len(s.token_ids) for ep in episodes for s in ep.samples]
+    lp, mask = pad_rows(lp_flat, lens)
+    ent, _ = pad_rows(ent_flat, lens)
+    keep = torch.tensor([k for ep in episodes for k in ep.loss_mask], dtype=torch.bool, device=device)
+    mask = mask & keep[:, None]
+    old = pad_rows(torch.cat(old_lp).to(device), lens)[0] if old_lp is not None else lp.detach()
+    ref = pad_rows(torch.cat(ref_lp).to(device), lens)[0] if ref_lp is not None else None
+    adv = torch.tensor([a for ep in episodes for a in ep.advantages], device=device)
+    loss, met = policy_loss(lp, old, ref, adv, mask, num_tokens=normaliser, entropy=ent, **algo)
+    return loss, met, int(mask.sum())
+
+
+def pack_groups(net, episodes: list, share_prefix: bool) -> forward.Packed:
+    """Groups as segments. With sdpa each group gets its own (right-padded) row: a masked row costs attention
+    quadratic in its length, so one long packed row would waste more than the padding; flash-attention packs."""
+    segs = []
+    for ep in episodes:
+        base = ep.prompt.segment
+        branches = [torch.tensor(s.token_ids, dtype=torch.long) for s in ep.samples]
+        if share_prefix:
+            segs.append(forward.Segment(base.ids, base.pixel_values, base.image_grid_thw, branches=branches))
+        else:  # flash-attention cannot express branches: repeat the prompt per response
+            segs += [forward.Segment(base.ids, base.pixel_values, base.image_grid_thw, branches=[b]) for b in branches]
+    flash = net.config._attn_implementation == "flash_attention_2"
+    return forward.pack(segs, net, rows="packed" if flash else "padded")
+
+
+def split_by_response(packed: forward.Packed, lp, ent) -> list:
+    out = []
+    for seg in packed.spans:
+        for start, end in seg[1:]:
+            out.append((lp[start:end], ent[start:end]))
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def main(
+    # Model
+    model: str = "7b",  # policy init: preset (3b/7b/32b/72b), hub id or folder (e.g. an sft.py export)
+    ref_model: str = "",  # KL reference ('' = the initial policy)
+    dtype: str = "bf16",  # compute dtype (FSDP mixed precision; fp32 master weights and reductions)
+    attn: str = "auto",  # auto = flash_attention_2 if installed on GPU, else sdpa
+    activation_checkpointing: bool = True,  # recipe: enable_gradient_checkpointing=True
+    cpu_offload: bool = False,  # actor FSDP CPU offload
+    ref_offload: bool = True,  # recipe: ref param_offload=True
+    freeze_vision: bool = False,
+    trust_remote_code: bool = False,
+    # Data
+    data: str = "text",  # text (curated m23k) | image (curated PMC-VQA) | a folder from data_prep.py
+    split: str = "train",
+    shuffle: bool = True,  # recipe's released runs shuffle (seed 1); false = the stored easy-to-hard order
+    data_seed: int = 1,
+    max_prompt_length: int = 2048,  # longer prompts are skipped and counted (data_prep filters them already)
+    epochs: int = -1,  # -1 = recipe (5 for text, 1 for image, else 1)
+    max_steps: int = -1,  # stop early
+    # Rollout
+    engine: str = "auto",  # auto = vllm on GPU when installed, else hf | vllm | hf
+    n: int = 8,  # responses per prompt
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 4096,
+    rollout_batch: int = 64,  # prompts per generate call (hf engine)
+    tp: int = -1,  # vllm tensor parallel (-1 = size table: 2 for 3b/7b)
+    gpu_memory_utilization: float = 0.6,  # vllm KV cache share while colocated
+    reward: str = "",  # '' = strict recipe reward | module:function
+    # Algorithm
+    train_batch: int = 256,  # prompts per step, all ranks together
+    mini_batch: int = 128,  # prompts per optimizer update (train_batch / mini_batch updates per step)
+    micro_batch: int = -1,  # responses per forward pass per rank (-1 = size table: 32)
+    lr: float = 1e-6,
+    weight_decay: float = 0.01,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    grad_clip: float = 1.0,
+    norm_std: bool = True,  # false = Dr.GRPO advantages (no std division)
+    adv_eps: float = 1e-6,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,  # DAPO clip-higher: 0.28
+    clip_c: float = 3.0,  # dual clip (<= 1 disables)
+    kl_coef: float = 0.01,  # 0 = no KL and no reference model
+    kl_type: str = "k3",  # k1 | k2 | k3 (low_var_kl)
+    entropy_coef: float = 0.0,
+    loss_agg: str = "token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    drop_zero_var: bool = False,  # leave all-right / all-wrong groups out of the update
+    mask_truncated: bool = False,  # responses cut at max_new_tokens get no loss
+    overlong_buffer: int = 0,  # DAPO soft overlong penalty over the last N tokens (0 = off)
+    overlong_penalty_factor: float = 1.0,
+    share_prefix: bool = True,  # compute each prompt once per group in the update (sdpa only)
+    seed: int = 0,  # rollout seeds, init
+    max_bad_steps: int = 3,  # consecutive non-finite steps before the run stops
+    # Validation, checkpoints, logging
+    val_data: str = "",  # eval-schema folder/hub id for greedy validation ('' = none)
+    val_limit: int = 400,  # items per validation (recipe: a 400-row subset)
+    val_every: int = 50,  # steps (0 = never); recipe test_freq 50
+    val_before_train: bool = True,
+    val_max_new_tokens: int = 4096,
+    save_every: int = 50,  # steps; a DCP checkpoint and an HF folder each time (recipe save_freq 50)
+    out: str = "",  # '' = outputs/grpo/<model>-<data>
+    resume: str = "auto",  # auto | '' | a ckpt/step_N folder
+    wandb: bool = False,
+    log_every: int = 1,
+):
+    user_config = dict(locals())
+    t_start = time.time()
+    d = dist.init(seed=seed)
+    size = SIZES.get(model.lower(), dict(micro_batch=32, tp=1))
+    micro_batch = size["micro_batch"] if micro_batch < 0 else micro_batch
+    tp = size["tp"] if tp < 0 else tp
+    if engine == "auto":
+        engine = "vllm" if d.device.type == "cuda" and importlib.util.find_spec("vllm") else "hf"
+    epochs = EPOCHS.get(data, 1) if epochs < 0 else epochs
+    src = DATASETS.get(data, data)
+    if data in DATASETS and not os.path.exists(src):
+        raise SystemExit(f"--data {data} reads the curated set {src}, which is missing: build it with "
+                         "`bash run/data_prep.sh` (or pass any data_prep.py folder)")
+    out = out or os.path.join("outputs", "grpo", f"{os.path.basename(resolve(model).rstrip('/'))}-{data.replace('/', '_')}")
+    if train_batch % d.world_size or mini_batch % d.world_size or train_batch % mini_batch:
+        raise SystemExit(f"train_batch {train_batch} and mini_batch {mini_batch} must divide evenly over "
+                         f"{d.world_size} ranks and into each other")
+    updates = train_batch // mini_batch
+    local_prompts, local_mb = train_batch // d.world_size, mini_batch // d.world_size
+    micro_groups = max(1, micro_batch // n)
+    if d.is_main:
+        os.makedirs(out, exist_ok=True)
+        write_json(os.path.join(out, "config.json"), {**user_config, "engine": engine, "tp": tp, "epochs": epochs,
+                                                      "micro_batch": micro_batch, "git": git_sha()})
+        print(f"grpo: {model} on {src} | {train_batch} prompts x {n} = {train_batch * n} responses/step, "
+              f"{updates} updates/step | engine {engine} | world {d.world_size} | out {out}", flush=True)
+    log = Logger(out, user_config, d.is_main, wandb)
+    reward_fn = load_reward(reward)
+
+    # Data: text fields validated up front; unusable rows are skipped and counted
+    rows = load_rows(src, split)
+    processor, tokenizer = load_processor(model, trust_remote_code)
+    owner = processor if processor is not None else tokenizer
+    root = data_root(src)
+    usable, skipped = [], {}
+    text_cols = [c for c in rows.column_names if c != "images"]
+    for i, row in enumerate(rows.select_columns(text_cols)):
+        try:
+            parse_row(row, need_images=False)
+            if row.get("prompt_tokens") is not None and row["prompt_tokens"] > max_prompt_length:
+                raise RowError("prompt too long")
+            usable.append(i)
+        except RowError as e:
+            key = str(e).split(":")[0][:60]
+            skipped[key] = skipped.get(key, 0) + 1
+    steps_per_epoch = len(usable) // train_batch  # drop_last, as verl
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(usable)} usable prompts cannot fill one step of {train_batch}")
+    total = epochs * steps_per_epoch if max_steps < 0 else min(max_steps, epochs * steps_per_epoch)
+    if skipped:
+        dist.print0(f"skipped rows: {skipped}")
+
+    def episodes_for(step: int) -> list:
+        epoch, k = divmod(step, steps_per_epoch)
+        order = random.Random(data_seed * 1_000_003 + epoch).sample(usable, len(usable)) if shuffle else usable
+        mine = order[k * train_batch : (k + 1) * train_batch][d.rank * local_prompts : (d.rank + 1) * local_prompts]
+        eps = []
+        for i in mine:
+            item = parse_row(rows[i], root)
+            if item.images and processor is None:
+                raise SystemExit(f"row {i} has images but {model} is a text-only model")
+            text = prompts.render(owner, prompts.messages(item.question, item.options, len(item.images),
+                                                          processor is not None))
+            p = Prompt(text, item.images)
+            encode(processor, tokenizer, p)
+            if len(p.segment.ids) > max_prompt_length:
+                raise SystemExit(f"row {i}: prompt of {len(p.segment.ids)} tokens > max_prompt_length "
+                                 f"{max_prompt_length} (filter with data_prep.py)")
+            eps.append(Episode(item, p))
+        return eps
+
+    # Models: actor (FSDP2, trained), reference (FSDP2, frozen; only when kl_coef != 0)
+    def sharded(name, offload, ckpt, freeze):
+        m = build_meta(name, dtype="fp32", attn=attn, trust_remote_code=trust_remote_code)
+        fsdp.shard(m, param_dtype=dtype, cpu_offload=offload, activation_checkpointing=ckpt, freeze_vision=freeze)
+        fsdp.load_from_rank0(m, name, d.device, trust_remote_code)
+        return m
+
+    net = sharded(model, cpu_offload, activation_checkpointing, freeze_vision)
+    ref = sharded(ref_model or model, ref_offload, False, False).eval() if kl_coef != 0 else None
+    if ref is not None:
+        ref.requires_grad_(False)
+    if net.config._attn_implementation == "flash_attention_2" and share_prefix:
+        share_prefix = False  # branches need a mask flash-attention cannot take
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), eps=1e-8, weight_decay=weight_decay)  # as verl: all
+    n_params, peak = num_params(net), peak_flops(d.device)
+
+    # Rollout engine
+    if engine == "vllm":
+        llm = VLLMEngine(resolve(model), tokenizer, tp=tp, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                         max_model_len=max_prompt_length + max_new_tokens, sleep=True,
+                         external_launcher=d.world_size > 1, dummy_weights=True, is_vl=processor is not None)
+        sync_vllm(net, llm)
+    else:
+        llm = HFEngine(net, processor, tokenizer, batch_size=rollout_batch, synced=d.world_size > 1)
+
+    def rollout(eps, step, greedy=False, new_tokens=max_new_tokens, group=n):
+        seeds = [row_seed(row_seed(seed, step), ep.item.dataset_index) for ep in eps]
+        kw = dict(n=group, temperature=0.0 if greedy else temperature, top_p=top_p, max_new_tokens=new_tokens,
+                  seeds=seeds)
+        if engine == "vllm":
+            outs = rollout_vllm(llm, eps, kw, tp, d)
+        else:
+            net.eval()  # no activation checkpointing during generation (it would disable the KV cache)
+            with torch.no_grad(), fsdp.gathered(net):
+                outs = llm.generate([ep.prompt for ep in eps], **kw)
+            net.train()
+        return outs
+
+    def validate(step):
+        vrows = load_rows(val_data, "test")
+        vroot = data_root(val_data)
+        idx = list(range(min(len(vrows), val_limit)))
+        mine = idx[d.rank :: d.world_size]
+        eps = []
+        for i in mine:
+            try:
+                it = parse_row(vrows[i], vroot)
+            except RowError:
+                continue
+            if it.images and processor is None:
+                continue
+            eps.append(Episode(it, Prompt(prompts.render(owner, prompts.messages(
+                it.question, it.options, len(it.images), processor is not None)), it.images)))
+        outs = rollout(eps, -1 - step, greedy=True, new_tokens=val_max_new_tokens, group=1)
+        acc = sum(grading.lenient_correct(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
+        rew = sum(grading.strict_reward(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
+        cnt = dist.all_reduce_sum(len(eps))
+        return {"val/acc": dist.all_reduce_sum(acc) / max(1, cnt), "val/reward": dist.all_reduce_sum(rew) / max(1, cnt),
+                "val/items": cnt}
+
+    # Resume
+    step = 0
+    if resume:
+        path = checkpoint.latest(os.path.join(out, "ckpt"), report=dist.print0) if resume == "auto" else resume
+        if path:
+            step = checkpoint.load(path, net, opt)["step"]
+            dist.print0(f"resumed from {path} at step {step}")
+            if engine == "vllm":
+                sync_vllm(net, llm)
+    start_step, bad = step, 0
+
+    # Training loop
+    while True:
+        last_step = step >= total
+        if val_data and val_every and (last_step or (step % val_every == 0 and (step > 0 or val_before_train))) \
+                and not (step == start_step and step > 0):
+            v = validate(step)
+            log.log(step, v, f"step {step:05d} | val acc {v['val/acc']:.4f} | val reward {v['val/reward']:.4f} "
+                             f"({int(v['val/items'])} items)")
+        if step > 0 and step != start_step and (last_step or (save_every and step % save_every == 0)):
+            checkpoint.save(os.path.join(out, "ckpt"), step, net, opt, {"user_config": user_config})
+            name = f"step_{step:06d}"
+            checkpoint.export_hf(net, os.path.join(out, name), processor, tokenizer,
+                                 {"stage": "grpo", "step": step, "user_config": user_config, "git": git_sha()},
+                                 dtype=torch.bfloat16 if dtype == "bf16" else None)
+            if d.is_main:
+                link = os.path.join(out, "final")
+                if os.path.lexists(link):
+                    os.remove(link)
+                os.symlink(name, link)
+        if last_step:
+            break
+        crash_point("grpo_step")
+        times, t0 = {}, time.time()
+
+        # 1. rollouts
+        eps = episodes_for(step)
+        for ep, samples in zip(eps, rollout(eps, step)):
+            ep.samples = samples
+        times["rollout"] = time.time() - t0
+
+        # 2. rewards and group advantages
+        t = time.time()
+        for ep in eps:
+            for s in ep.samples:
+                r = reward_fn(s.text, ep.item, s.token_ids)
+                r = 0.0 if r is None else float(r)
+                ep.rewards.append(r + overlong_penalty(len(s.token_ids), max_new_tokens, overlong_buffer,
+                                                       overlong_penalty_factor))
+        rewards = torch.tensor([r for ep in eps for r in ep.rewards])
+        adv = group_advantages(rewards, n, norm_std, adv_eps).view(len(eps), n)
+        zero_var = 0
+        for g, ep in enumerate(eps):
+            ep.advantages = adv[g].tolist()
+            flat = len(set(ep.rewards)) == 1
+            zero_var += flat
+            ep.loss_mask = [not (drop_zero_var and flat) and not (mask_truncated and s.finish_reason == "length")
+                            for s in ep.samples]
+        times["reward"] = time.time() - t
+
+        # 3. old (only if several updates share these rollouts) and reference log-probs, no grad
+        t = time.time()
+        old = episode_logprobs(net, eps, d.device, micro_groups, share_prefix, temperature) if updates > 1 else None
+        times["old_logprob"] = time.time() - t
+        t = time.time()
+        refs = episode_logprobs(ref, eps, d.device, micro_groups, share_prefix, temperature) if ref is not None else None
+        times["ref"] = time.time() - t
+        vllm_diff = None
+        if engine == "vllm" and eps and eps[0].samples and eps[0].samples[0].logprobs:  # trainer vs engine, a few tokens
+            mine_lp = old[:n] if old is not None else episode_logprobs(net, eps[:1], d.device, 1, share_prefix,
+                                                                        temperature)
+            vllm_diff = max(float((lp.cpu() - torch.tensor(s.logprobs[: len(lp)])).abs().max())
+                            for (lp, _), s in zip(mine_lp, eps[0].samples) if len(lp))
+
+        # 4. updates: one per mini-batch, micro-batches of whole groups, global normalisers
+        t = time.time()
+        stats, norms, step_ok = [], [], True
+        for u in range(updates):
+            mb = list(range(u * local_mb, (u + 1) * local_mb))
+            mask_tok = sum(len(eps[g].samples[j].token_ids) for g in mb for j in range(n) if eps[g].loss_mask[j])
+            mask_seq = sum(eps[g].loss_mask[j] for g in mb for j in range(n))
+            normaliser = max(1.0, dist.all_reduce_sum(mask_tok if loss_agg == "token-mean" else mask_seq))
+            micro = [mb[i : i + micro_groups] for i in range(0, len(mb), micro_groups)]
+            for k, chunk in enumerate(micro):
+                net.set_requires_gradient_sync(k == len(micro) - 1)
+                flat = [(g, j) for g in chunk for j in range(n)]
+                loss, met, ntok = micro_loss(
+                    net, [eps[g] for g in chunk], [old[g * n + j][0] for g, j in flat] if old is not None else None,
+                    [refs[g * n + j][0] for g, j in flat] if refs is not None else None, normaliser, d.device,
+                    share_prefix, temperature, dict(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c,
+                                                    kl_coef=kl_coef, kl_type=kl_type, loss_agg=loss_agg,
+                                                    entropy_coef=entropy_coef, max_len=max_new_tokens))
+                (loss * poison("grpo_loss", step)).backward()
+                stats.append((ntok, met, float(loss.detach())))
+            norm = fsdp.clip_grad_norm_(params, grad_clip) * poison("grpo_grad", step)
+            norms.append(float(norm))
+            if not math.isfinite(float(norm)):
+                opt.zero_grad(set_to_none=True)
+                step_ok = False
+                continue
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        times["update"] = time.time() - t
+        if not step_ok:
+            bad += 1
+            dist.print0(f"step {step}: non-finite grad norm {norms}: update(s) skipped ({bad} in a row)")
+            log.log(step + 1, {"skipped": 1})
+            if bad >= max_bad_steps:
+                raise SystemExit(f"stopping: {bad} non-finite steps in a row (lower the lr, check the rewards)")
+        else:
+            bad = 0
+
+        # 5. push the new weights to vLLM
+        t = time.time()
+        if engine == "vllm":
+            sync_vllm(net, llm)
+        times["sync"] = time.time() - t
+        step += 1
+
+        # 6. one line per step
+        dt = time.time() - t0
+        lens = [len(s.token_ids) for ep in eps for s in ep.samples]
+        n_prompt_tok = sum(len(ep.prompt.segment.ids) for ep in eps)
+        tok_trained = dist.all_reduce_sum(sum(lens) + (n_prompt_tok if share_prefix else n_prompt_tok * n))
+        w = sum(s[0] for s in stats) or 1
+        avg = lambda k: dist.all_reduce_sum(sum(s[0] * s[1].get(k, 0.0) for s in stats)) / max(  # noqa: E731
+            1, dist.all_reduce_sum(w))
+        correct = sum(grading.lenient_correct(s.text, ep.item.answer, ep.item.answer_label)
+                      for ep in eps for s in ep.samples)
+        fmt_ok = sum(grading.format_ok(s.text) for ep in eps for s in ep.samples)
+        count = dist.all_reduce_sum(len(lens))
+        # 6N per trained token (fwd+bwd), +2N for activation recompute, +2N each for the old and reference passes;
+        # generation is not counted (decoding is bound by memory bandwidth, not FLOPs)
+        passes = 3 + activation_checkpointing + (updates > 1) + (ref is not None)
+        flops = 2 * n_params * tok_trained * passes
+        r_sum, r_sq = dist.all_reduce_sum(float(rewards.sum())), dist.all_reduce_sum(float((rewards**2).sum()))
+        metrics = {
+            "reward": r_sum / count, "reward_std": math.sqrt(max(0.0, r_sq / count - (r_sum / count) ** 2)),
+            "acc": dist.all_reduce_sum(correct) / count, "format": dist.all_reduce_sum(fmt_ok) / count,
+            "len_mean": dist.all_reduce_sum(sum(lens)) / count, "len_max": dist.all_reduce_max(max(lens)),
+            "truncated": dist.all_reduce_sum(sum(s.finish_reason == "length" for ep in eps for s in ep.samples)) / count,
+            "frac_zero_std": dist.all_reduce_sum(zero_var) / dist.all_reduce_sum(len(eps)),
+            "pg_loss": avg("pg_loss"), "clip_frac": avg("clip_frac"), "dual_clip_frac": avg("dual_clip_frac"),
+            "kl": avg("kl") if kl_coef else None, "entropy": avg("entropy"), "grad_norm": max(norms),
+            "lr": lr, "tokens_per_s": tok_trained / dt, "vllm_logprob_maxdiff": vllm_diff,
+            "mfu": flops / dt / (peak * d.world_size) if peak else None,
+            **{f"time/{k}": dist.all_reduce_max(v) for k, v in times.items()}}
+        line = None
+        if step % log_every == 0 or step == total:
+            line = (f"step {step:05d}/{total:05d} | reward {metrics['reward']:.3f} | acc {metrics['acc']:.3f} | "
+                    f"format {metrics['format']:.3f} | len {metrics['len_mean']:.0f}/{metrics['len_max']:.0f} | "
+                    f"kl {fmt(metrics['kl']) if kl_coef else '-'} | clip {metrics['clip_frac']:.3f} | "
+                    f"gnorm {metrics['grad_norm']:.3f} | tok/s {metrics['tokens_per_s']:.0f} | "
+                    f"mfu {fmt(100 * metrics['mfu']) + '%' if metrics['mfu'] else 'n/a'} | "
+                    + " ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+        log.log(step, metrics, line)
+
+    # Final summary
+    if d.is_main:
+        rows_ = log.read()
+        plot_curves(rows_, ["reward", "acc", "format", "len_mean", "kl", "val/acc"], os.path.join(out, "curves.png"),
+                    f"grpo {model} on {data}")
+        print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; HF folder {os.path.join(out, 'final')}",
+              flush=True)
+    log.finish()
+    dist.cleanup()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# vLLM plumbing (GPU only; written against vLLM 0.33.0's documented API, see common/generate.py)
+
+
+def sync_vllm(net, llm, bucket_bytes: int = 1 << 30) -> None:
+    """Gather the FSDP2 weights parameter by parameter (every rank) and push them to the local engine in ~1 GiB
+    buckets, by reference (the engine runs in-process under external_launcher); no file round-trip."""
+    llm.wake_up(tags=["weights"])
+    bucket, size = [], 0
+    for name, p in net.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p.data
+        bucket.append((name, full.to(torch.bfloat16)))
+        size += full.numel() * 2
+        if size >= bucket_bytes:
+            llm.load_weights(bucket)
+            bucket, size = [], 0
+    if bucket:
+        llm.load_weights(bucket)
+    torch.cuda.empty_cache()
+
+
+def rollout_vllm(llm, eps, kw, tp, d) -> list:
+    """Generate on the colocated engine. Every rank of a tensor-parallel group must submit the same prompts, so the
+    group generates its ranks' prompts together (the data order is known everywhere: no communication needed
+    beyond the gather of prompts)."""
+    llm.wake_up(tags=["kv_cache"])
+    group = d.rank // tp
+    peers = list(range(group * tp, (group + 1) * tp))
+    everyone = dist.all_gather_objects([(ep.prompt.text, ep.prompt.images, s) for ep, s in zip(eps, kw["seeds"])])
+    mine = [x for r in peers for x in everyone[r]]
+    outs = llm.generate([Prompt(t, im) for t, im, _ in mine], **{**kw, "seeds": [s for _, _, s in mine]},
+                        logprobs=True)
+    llm.llm.reset_mm_cache()  # the colocated multimodal encoder cache is never evicted otherwise
+    llm.sleep()
+    start = sum(len(everyone[r]) for r in peers if r < d.rank)
+    return outs[start : start + len(eps)]
+
+
+if __name__ == "__main__":
+    cli.run(main)
