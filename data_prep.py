@@ -624,7 +624,7 @@ def passrate(
     data: str = "data/text",  # a folder written by this script
     model: str = "3b",  # the base model whose pass counts pick the data (recipe: the 3B for every size)
     engine: str = "hf",  # hf | vllm
-    n: int = 16,  # samples per item
+    samples: int = 16,  # samples per item (the recipe's n)
     temperature: float = 1.0,
     top_p: float = 1.0,
     max_new_tokens: int = 4096,
@@ -680,11 +680,11 @@ def passrate(
             batch = todo[b : b + batch_size]
             ps = [Prompt(prompts.render(owner, prompts.messages(it.question, it.options, len(it.images),
                                                                 processor is not None)), it.images) for it in batch]
-            outs = gen.generate(ps, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            outs = gen.generate(ps, n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 seeds=[row_seed(seed, it.dataset_index) for it in batch])
-            for it, samples in zip(batch, outs):
-                c = sum(bool(judge(s.text, it.answer, it.answer_label)) for s in samples)
-                f.write(json.dumps({"dataset_index": it.dataset_index, "num_correct": c, "n": n}) + "\n")
+            for it, got in zip(batch, outs):
+                c = sum(bool(judge(s.text, it.answer, it.answer_label)) for s in got)
+                f.write(json.dumps({"dataset_index": it.dataset_index, "num_correct": c, "n": samples}) + "\n")
             f.flush()
             bar.update(len(batch))
     bar.close()
@@ -707,7 +707,7 @@ def passrate(
             if name.startswith("counts.rank"):
                 os.remove(os.path.join(out, name))
         hist = Counter(r["num_correct"] for r in merged.values())
-        write_json(os.path.join(out, "manifest.json"), {"data": data, "model": model, "n": n, "grader": grader,
+        write_json(os.path.join(out, "manifest.json"), {"data": data, "model": model, "n": samples, "grader": grader,
                                                         "items": len(merged), "histogram": dict(sorted(hist.items()))})
         print(f"pass counts for {len(merged)} items -> {out}/counts.jsonl; histogram {dict(sorted(hist.items()))}")
     dist.cleanup()

@@ -5,6 +5,7 @@ pass@k / majority@k when sampling, and a PNG chart.
     python evaluate.py --model 3b                                   # UCSC-VLAA/MedVLThinker-Eval from the hub
     python evaluate.py --model outputs/grpo/hf/final --data data/eval --benchmarks vqa_rad_closed --limit 100
     torchrun --nproc_per_node 8 evaluate.py --model 7b --engine vllm     # one data-parallel shard per rank
+    python evaluate.py --model 3b --samples 5 --temperature 0.5          # pass@k and majority@k (the recipe's n=5)
     python evaluate.py compare outputs/eval/base outputs/eval/rl          # paired bootstrap of the difference
     python evaluate.py regrade outputs/eval/rl                           # recompute everything from saved responses
 
@@ -219,7 +220,7 @@ def main(
     limit: int = -1,  # max items per benchmark, first ones in dataset order (-1 = all)
     # Sampling (recipe: greedy, 4096 tokens, 3 runs)
     runs: int = 3,  # repeated runs, reported as mean +- std
-    n: int = 1,  # samples per item and run (pass@k, majority@k when > 1)
+    samples: int = 1,  # samples per item and run (pass@k, majority@k when > 1); the recipe's n
     temperature: float = 0.0,  # 0 = greedy
     top_p: float = 1.0,
     max_new_tokens: int = 4096,
@@ -291,7 +292,7 @@ def main(
     repair_tail(shard)
     dist.barrier()
     have = Counter((r["dataset_name"], r["dataset_index"], r["run"]) for r in read_records(out))
-    done = {k for k, c in have.items() if c >= n}
+    done = {k for k, c in have.items() if c >= samples}
     # Greedy HF decoding is deterministic: later runs would repeat run 0 token for token, so they copy it.
     copy_runs = engine == "hf" and temperature == 0
     gen_runs = 1 if copy_runs else runs
@@ -306,13 +307,13 @@ def main(
             ps = [Prompt(prompts.render(template, prompts.messages(it.question, it.options, len(it.images),
                                                                    processor is not None)), it.images) for it in batch]
             seeds = [row_seed(seed * 1_000_003 + run, hash_key(it.dataset_name, it.dataset_index)) for it in batch]
-            outs = gen.generate(ps, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            outs = gen.generate(ps, n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 seeds=seeds)
-            for it, samples in zip(batch, outs):
+            for it, got in zip(batch, outs):
                 for run_copy in (range(runs) if copy_runs else [run]):
                     if (it.dataset_name, it.dataset_index, run_copy) in done:
                         continue
-                    for j, s in enumerate(samples):
+                    for j, s in enumerate(got):
                         rec = {"dataset_name": it.dataset_name, "dataset_index": it.dataset_index, "run": run_copy,
                                "sample": j, "answer": it.answer, "answer_label": it.answer_label,
                                "options": it.options,

@@ -1,7 +1,7 @@
 """GRPO with verifiable rewards (RECIPE §4, §6): our own loop, FSDP2 actor, vLLM or HF rollouts, exact by construction.
 
 Which GRPO runs by default (verl @ 54b2677 as the recipe configured it):
-  * per step `train_batch` prompts (256) x `n` responses (8) at temperature 1.0, top_p 1.0, <= 4096 new tokens;
+  * per step `train_batch` prompts (256) x `group_size` responses (8) at temperature 1.0, top_p 1.0, <= 4096 new tokens;
   * reward = strict_reward (format fullmatch x exact answer, common/grading.py), binary, no partial credit;
   * advantage = (r - group mean) / (group std + 1e-6), unbiased std, broadcast over the response's tokens;
   * PPO-clip surrogate, eps 0.2/0.2, dual-clip c = 3 for negative advantages, log-ratio clamped to +-20;
@@ -264,7 +264,7 @@ def main(
     max_steps: int = -1,  # stop early
     # Rollout
     engine: str = "auto",  # auto = vllm on GPU when installed, else hf | vllm | hf
-    n: int = 8,  # responses per prompt
+    group_size: int = 8,  # responses per prompt (the recipe's rollout.n; torchrun would misread a flag named --n)
     temperature: float = 1.0,
     top_p: float = 1.0,
     max_new_tokens: int = 4096,
@@ -311,6 +311,7 @@ def main(
 ):
     user_config = dict(locals())
     t_start = time.time()
+    G = group_size
     d = dist.init(seed=seed)
     size = SIZES.get(model.lower(), dict(micro_batch=32, tp=1))
     micro_batch = size["micro_batch"] if micro_batch < 0 else micro_batch
@@ -328,12 +329,12 @@ def main(
                          f"{d.world_size} ranks and into each other")
     updates = train_batch // mini_batch
     local_prompts, local_mb = train_batch // d.world_size, mini_batch // d.world_size
-    micro_groups = max(1, micro_batch // n)
+    micro_groups = max(1, micro_batch // G)
     if d.is_main:
         os.makedirs(out, exist_ok=True)
         write_json(os.path.join(out, "config.json"), {**user_config, "engine": engine, "tp": tp, "epochs": epochs,
                                                       "micro_batch": micro_batch, "git": git_sha()})
-        print(f"grpo: {model} on {src} | {train_batch} prompts x {n} = {train_batch * n} responses/step, "
+        print(f"grpo: {model} on {src} | {train_batch} prompts x {G} = {train_batch * G} responses/step, "
               f"{updates} updates/step | engine {engine} | world {d.world_size} | out {out}", flush=True)
     log = Logger(out, user_config, d.is_main, wandb)
     reward_fn = load_reward(reward)
@@ -406,7 +407,7 @@ def main(
     else:
         llm = HFEngine(net, processor, tokenizer, batch_size=rollout_batch, synced=d.world_size > 1)
 
-    def rollout(eps, step, greedy=False, new_tokens=max_new_tokens, group=n):
+    def rollout(eps, step, greedy=False, new_tokens=max_new_tokens, group=G):
         seeds = [row_seed(row_seed(seed, step), ep.item.dataset_index) for ep in eps]
         kw = dict(n=group, temperature=0.0 if greedy else temperature, top_p=top_p, max_new_tokens=new_tokens,
                   seeds=seeds)
@@ -491,7 +492,7 @@ def main(
                 ep.rewards.append(r + overlong_penalty(len(s.token_ids), max_new_tokens, overlong_buffer,
                                                        overlong_penalty_factor))
         rewards = torch.tensor([r for ep in eps for r in ep.rewards])
-        adv = group_advantages(rewards, n, norm_std, adv_eps).view(len(eps), n)
+        adv = group_advantages(rewards, G, norm_std, adv_eps).view(len(eps), G)
         zero_var = 0
         for g, ep in enumerate(eps):
             ep.advantages = adv[g].tolist()
@@ -510,7 +511,7 @@ def main(
         times["ref"] = time.time() - t
         vllm_diff = None
         if engine == "vllm" and eps and eps[0].samples and eps[0].samples[0].logprobs:  # trainer vs engine, a few tokens
-            mine_lp = old[:n] if old is not None else episode_logprobs(net, eps[:1], d.device, 1, share_prefix,
+            mine_lp = old[:G] if old is not None else episode_logprobs(net, eps[:1], d.device, 1, share_prefix,
                                                                         temperature)
             vllm_diff = max(float((lp.cpu() - torch.tensor(s.logprobs[: len(lp)])).abs().max())
                             for (lp, _), s in zip(mine_lp, eps[0].samples) if len(lp))
@@ -520,16 +521,16 @@ def main(
         stats, norms, step_ok = [], [], True
         for u in range(updates):
             mb = list(range(u * local_mb, (u + 1) * local_mb))
-            mask_tok = sum(len(eps[g].samples[j].token_ids) for g in mb for j in range(n) if eps[g].loss_mask[j])
-            mask_seq = sum(eps[g].loss_mask[j] for g in mb for j in range(n))
+            mask_tok = sum(len(eps[g].samples[j].token_ids) for g in mb for j in range(G) if eps[g].loss_mask[j])
+            mask_seq = sum(eps[g].loss_mask[j] for g in mb for j in range(G))
             normaliser = max(1.0, dist.all_reduce_sum(mask_tok if loss_agg == "token-mean" else mask_seq))
             micro = [mb[i : i + micro_groups] for i in range(0, len(mb), micro_groups)]
             for k, chunk in enumerate(micro):
                 net.set_requires_gradient_sync(k == len(micro) - 1)
-                flat = [(g, j) for g in chunk for j in range(n)]
+                flat = [(g, j) for g in chunk for j in range(G)]
                 loss, met, ntok = micro_loss(
-                    net, [eps[g] for g in chunk], [old[g * n + j][0] for g, j in flat] if old is not None else None,
-                    [refs[g * n + j][0] for g, j in flat] if refs is not None else None, normaliser, d.device,
+                    net, [eps[g] for g in chunk], [old[g * G + j][0] for g, j in flat] if old is not None else None,
+                    [refs[g * G + j][0] for g, j in flat] if refs is not None else None, normaliser, d.device,
                     share_prefix, temperature, dict(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c,
                                                     kl_coef=kl_coef, kl_type=kl_type, loss_agg=loss_agg,
                                                     entropy_coef=entropy_coef, max_len=max_new_tokens))
@@ -564,7 +565,7 @@ def main(
         dt = time.time() - t0
         lens = [len(s.token_ids) for ep in eps for s in ep.samples]
         n_prompt_tok = sum(len(ep.prompt.segment.ids) for ep in eps)
-        tok_trained = dist.all_reduce_sum(sum(lens) + (n_prompt_tok if share_prefix else n_prompt_tok * n))
+        tok_trained = dist.all_reduce_sum(sum(lens) + (n_prompt_tok if share_prefix else n_prompt_tok * G))
         w = sum(s[0] for s in stats) or 1
         avg = lambda k: dist.all_reduce_sum(sum(s[0] * s[1].get(k, 0.0) for s in stats)) / max(  # noqa: E731
             1, dist.all_reduce_sum(w))

@@ -101,5 +101,53 @@ def export(path, data, out):
     dist.cleanup()
 
 
+def grpo_grad(path, micro_groups, loss_agg, out):
+    """Gradient of the GRPO loss for 4 fixed groups (3 responses each), split over ranks and micro-batches."""
+    import grpo
+
+    d = dist.init(seed=0, timeout_s=120)
+    model = _sharded(path, d)
+    proc, tok = load_processor(path)
+    g = torch.Generator().manual_seed(0)
+    eps = []
+    for k in range(4):
+        img = [Image.new("RGB", (60 + 10 * k, 56), (40 * k, 200, 0))] if k != 2 else []  # one text-only group
+        p = G.Prompt(prompts.render(proc, prompts.messages(f"q{k}", {"A": "x", "B": "y"}, len(img), True)), img)
+        G.encode(proc, tok, p)
+        ep = grpo.Episode(None, p)
+        ep.samples = [G.Sample(torch.randint(0, 300, (int(n),), generator=g).tolist(), "", "stop")
+                      for n in torch.randint(1, 7, (3,), generator=g)]
+        ep.rewards = torch.randint(0, 2, (3,), generator=g).float().tolist()
+        ep.advantages = grpo.group_advantages(torch.tensor(ep.rewards), 3).tolist()
+        ep.loss_mask = [True, True, k != 1]  # one response left out of the loss
+        eps.append(ep)
+    with torch.no_grad():
+        ref = [x[0] + 0.05 * torch.randn(len(x[0]), generator=g) for x in
+               grpo.episode_logprobs(model, eps, d.device, 4, True)]
+    old = [r - 0.1 for r in ref]
+    per = 4 // d.world_size
+    mine = list(range(d.rank * per, (d.rank + 1) * per))
+    algo = dict(clip_low=0.2, clip_high=0.28, clip_c=3.0, kl_coef=0.01, kl_type="k3", loss_agg=loss_agg,
+                entropy_coef=0.001, max_len=8)
+    if algo["loss_agg"] == "token-mean":
+        local = sum(len(s.token_ids) for i in mine for s, keep in zip(eps[i].samples, eps[i].loss_mask) if keep)
+    else:
+        local = sum(sum(eps[i].loss_mask) for i in mine)
+    normaliser = dist.all_reduce_sum(local)
+    mg = int(micro_groups)
+    for c in range(0, per, mg):
+        chunk = mine[c : c + mg]
+        loss, _, _ = grpo.micro_loss(model, [eps[i] for i in chunk], [old[i * 3 + j] for i in chunk for j in range(3)],
+                                     [ref[i * 3 + j] for i in chunk for j in range(3)], normaliser, d.device, True, 1.0,
+                                     algo)
+        loss.backward()
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in model.named_parameters()}
+    if d.rank == 0:
+        torch.save(grads, out)
+    print(f"OK rank {d.rank}", flush=True)
+    dist.cleanup()
+
+
 if __name__ == "__main__":
-    {"generate": generate, "sft_grad": sft_grad, "export": export}[sys.argv[1]](*sys.argv[2:])
+    {"generate": generate, "sft_grad": sft_grad, "export": export, "grpo_grad": grpo_grad}[sys.argv[1]](*sys.argv[2:])

@@ -155,7 +155,7 @@ def test_pmc_vqa_cleaning_rules(tmp_path):
 def test_passrate_filter_order(tmp_path, tiny_text, sample_data):
     pr, data = tmp_path / "pr", os.path.join(sample_data, "text")
     idx = load_rows(data)["dataset_index"]
-    args = ["data_prep.py", "passrate", "--data", data, "--model", tiny_text, "--n", "4", "--max_new_tokens", "8",
+    args = ["data_prep.py", "passrate", "--data", data, "--model", tiny_text, "--samples", "4", "--max_new_tokens", "8",
             "--limit", "6", "--dtype", "fp32", "--out", str(pr)]
     run_py(*args)
     counts = [json.loads(x) for x in open(pr / "counts.jsonl")]
@@ -180,7 +180,7 @@ def test_passrate_filter_order(tmp_path, tiny_text, sample_data):
 @pytest.mark.slow
 def test_passrate_with_smollm2(tmp_path, smollm2, sample_data):
     pr = tmp_path / "pr"
-    run_py("data_prep.py", "passrate", "--data", os.path.join(sample_data, "text"), "--model", smollm2, "--n", "4",
+    run_py("data_prep.py", "passrate", "--data", os.path.join(sample_data, "text"), "--model", smollm2, "--samples", "4",
            "--max_new_tokens", "48", "--limit", "4", "--dtype", "fp32", "--out", str(pr), "--batch_size", "4")
     m = manifest(pr)
     assert m["items"] == 4 and sum(m["histogram"].values()) == 4

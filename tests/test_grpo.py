@@ -1,0 +1,220 @@
+"""grpo.py: the math against written-out formulas, exact gradients across splits and ranks, resume, and learning.
+
+    pytest -q tests/test_grpo.py"""
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+import grpo
+from conftest import run_py, torchrun
+
+
+def test_group_advantages_formula():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.5])
+    got = grpo.group_advantages(r, 4)
+    for g in range(2):
+        x = r[4 * g : 4 * g + 4].tolist()
+        mean = sum(x) / 4
+        std = math.sqrt(sum((v - mean) ** 2 for v in x) / 3)  # Bessel, as verl's torch.std
+        for i, v in enumerate(x):
+            assert float(got[4 * g + i]) == pytest.approx((v - mean) / (std + 1e-6))
+    assert grpo.group_advantages(r, 4, norm_std=False).tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0.375, 0.375,
+                                                                                   -0.625, -0.125])
+    assert grpo.group_advantages(torch.tensor([1.0, 0.0]), 1).tolist() == pytest.approx([1 / (1 + 1e-6), 0.0])
+    assert grpo.group_advantages(torch.tensor([1.0, 1.0, 1.0]), 3).abs().max() == 0  # zero-variance group
+
+
+def _reference_loss(lp, old, ref, adv, mask, eps_l, eps_h, c, beta, kl_type, agg, norm, max_len, ent=None, ent_c=0.0):
+    """The loss written out token by token with plain Python floats."""
+    B, T = len(lp), len(lp[0])
+    pg, kl, en = [[0.0] * T for _ in range(B)], [[0.0] * T for _ in range(B)], [[0.0] * T for _ in range(B)]
+    for i in range(B):
+        for t in range(T):
+            ratio = math.exp(max(-20, min(20, lp[i][t] - old[i][t])))
+            a = adv[i]
+            v = max(-a * ratio, -a * min(max(ratio, 1 - eps_l), 1 + eps_h))
+            if a < 0 and c > 1:
+                v = min(v, -a * c)
+            pg[i][t] = v
+            dlt = max(-20, min(20, ref[i][t] - lp[i][t]))
+            kl[i][t] = {"k1": -dlt, "k2": 0.5 * dlt * dlt, "k3": max(-10, min(10, math.exp(dlt) - dlt - 1))}[kl_type]
+            en[i][t] = ent[i][t] if ent else 0.0
+
+    def reduce(v):
+        if agg == "token-mean":
+            return sum(v[i][t] for i in range(B) for t in range(T) if mask[i][t]) / norm
+        if agg == "seq-mean-token-mean":
+            return sum(sum(v[i][t] for t in range(T) if mask[i][t]) / max(1, sum(mask[i])) for i in range(B)) / norm
+        return sum(v[i][t] for i in range(B) for t in range(T) if mask[i][t]) / (norm * max_len)
+
+    return reduce(pg) + beta * reduce(kl) - ent_c * reduce(en)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
+def test_policy_loss_matches_written_out_formula(agg, kl_type):
+    g = torch.Generator().manual_seed(1)
+    B, T = 5, 7
+    lp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = lp + (torch.rand(B, T, generator=g, dtype=torch.float64) - 0.5) * 4  # ratios up to e^2: every clip fires
+    ref = lp + (torch.rand(B, T, generator=g, dtype=torch.float64) - 0.5)
+    adv = torch.tensor([1.3, -0.7, 0.0, -2.0, 0.4], dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    ent = torch.rand(B, T, generator=g, dtype=torch.float64)
+    norm = 11.0  # a global normaliser larger than this shard's own count
+    loss, met = grpo.policy_loss(lp, old, ref, adv, mask, 0.2, 0.28, 3.0, 0.01, kl_type, agg, norm, entropy=ent,
+                                 entropy_coef=0.003, max_len=9)
+    want = _reference_loss(lp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28, 3.0, 0.01,
+                           kl_type, agg, norm, 9, ent.tolist(), 0.003)
+    assert float(loss) == pytest.approx(want, rel=1e-12, abs=1e-12)
+    assert 0 < met["clip_frac"] < 1 and met["dual_clip_frac"] > 0
+
+
+def test_on_policy_single_update_has_ratio_exactly_one():
+    lp = torch.randn(3, 4, requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, 0.5])
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    loss, met = grpo.policy_loss(lp, lp.detach(), None, adv, mask, kl_coef=0.0)
+    assert met["clip_frac"] == 0 and met["approx_kl_old"] == 0 and met["dual_clip_frac"] == 0
+    loss.backward()
+    # d/dlp of -A * exp(lp - sg(lp)) at ratio 1 is -A / N: the REINFORCE gradient
+    assert torch.allclose(lp.grad, -adv[:, None].expand(3, 4) / 12)
+
+
+def test_no_reference_needed_without_kl():
+    lp = torch.zeros(1, 2)
+    grpo.policy_loss(lp, lp, None, torch.ones(1), torch.ones(1, 2, dtype=torch.bool), kl_coef=0.0)
+    with pytest.raises(ValueError):
+        grpo.policy_loss(lp, lp, None, torch.ones(1), torch.ones(1, 2, dtype=torch.bool), kl_coef=0.1)
+
+
+def test_overlong_penalty():
+    assert grpo.overlong_penalty(80, 100, 20) == 0.0 and grpo.overlong_penalty(90, 100, 20) == -0.5
+    assert grpo.overlong_penalty(90, 100, 0) == 0.0
+    assert grpo.overlong_penalty(95, 100, 20, 1.0) == pytest.approx(-0.75)
+    assert grpo.overlong_penalty(150, 100, 20, 0.5) == pytest.approx(-0.5)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_gradient_identical_for_micro_splits_and_ranks(tmp_path, tiny_vl, agg):
+    def grads(nproc, micro):
+        out = tmp_path / f"g{nproc}{micro}.pt"
+        torchrun("tests/fsdp_worker.py", "grpo_grad", tiny_vl, str(micro), agg, str(out), nproc=nproc, timeout=300)
+        return torch.load(out, weights_only=True)
+
+    ref = grads(1, 4)
+    for nproc, micro in [(1, 1), (2, 1), (2, 2)]:
+        got = grads(nproc, micro)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-4, msg=f"{k} ({nproc} ranks, micro {micro})")
+    assert any(float(v.abs().sum()) > 0 for k, v in ref.items() if "visual" in k)
+
+
+@pytest.fixture(scope="module")
+def toy_images(tmp_path_factory):
+    """16 dark/bright images with the same question: the answer depends only on the image."""
+    root = tmp_path_factory.mktemp("toy")
+    (root / "img").mkdir()
+    rows = []
+    for i in range(16):
+        bright = i % 2 == 1
+        Image.new("RGB", (56, 56), (235,) * 3 if bright else (15,) * 3).save(root / "img" / f"{i}.png")
+        rows.append({"question": "Is the image dark or bright?", "options": {"A": "Dark", "B": "Bright"},
+                     "answer_label": "B" if bright else "A", "answer": "Bright" if bright else "Dark",
+                     "dataset_name": "toy", "dataset_index": i, "images": [f"img/{i}.png"]})
+    (root / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(root / "toy.jsonl")
+
+
+TOY = ["--engine", "hf", "--dtype", "fp32", "--group_size", "8", "--train_batch", "16", "--mini_batch", "16",
+       "--max_new_tokens", "4", "--lr", "3e-3", "--kl_coef", "0", "--reward", "tests.toy_rewards:image_parity",
+       "--epochs", "1000", "--activation_checkpointing", "false", "--log_every", "10", "--save_every", "0"]
+
+
+def _metrics(out):
+    rows = {}
+    for line in open(os.path.join(out, "metrics.jsonl")):
+        r = json.loads(line)
+        rows.setdefault(r["step"], {}).update(r)
+    return [rows[k] for k in sorted(rows)]
+
+
+def test_tiny_vl_learns_an_image_conditioned_task(tmp_path, tiny_vl, toy_images):
+    run_py("grpo.py", "--model", tiny_vl, "--data", toy_images, *TOY, "--max_steps", "60", "--out", str(tmp_path / "t"))
+    rewards = [r["reward"] for r in _metrics(tmp_path / "t")]
+    assert max(rewards[:5]) < 0.6  # chance level: the parity of random tokens
+    assert min(rewards[-3:]) > 0.9  # above 0.5 only by telling dark from bright
+
+
+def test_kill_and_resume_samples_and_learns_identically(tmp_path, tiny_vl, toy_images):
+    args = ["grpo.py", "--model", tiny_vl, "--data", toy_images, *TOY, "--max_steps", "8", "--save_every", "2",
+            "--mini_batch", "8", "--kl_coef", "0.01"]
+    run_py(*args, "--out", str(tmp_path / "a"))
+    kill_at = random.Random().randint(2, 8)
+    p = run_py(*args, "--out", str(tmp_path / "b"), env={"MEDVL_CRASH": f"grpo_step:{kill_at}"}, check=False)
+    assert p.returncode == 137
+    run_py(*args, "--out", str(tmp_path / "b"))
+    keys = ["reward", "pg_loss", "kl", "grad_norm", "len_mean"]
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b], kill_at
+    assert (tmp_path / "a" / "final" / "model.safetensors").read_bytes() == \
+        (tmp_path / "b" / "final" / "model.safetensors").read_bytes()
+
+
+def test_two_ranks_run_and_validate(tmp_path, tiny_vl, toy_images, vqa_rad_eval):
+    torchrun("grpo.py", "--model", tiny_vl, "--data", toy_images, *TOY, "--max_steps", "2", "--mini_batch", "8",
+             "--kl_coef", "0.01", "--val_data", vqa_rad_eval, "--val_limit", "6", "--val_every", "2",
+             "--val_max_new_tokens", "4", "--out", str(tmp_path / "r"), timeout=600)
+    rows = _metrics(tmp_path / "r")
+    assert rows[0]["val/items"] == 6 and "val/acc" in rows[-1] and rows[-1]["kl"] is not None
+    assert (tmp_path / "r" / "curves.png").exists() and (tmp_path / "r" / "final" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_sft_then_grpo_learns(tmp_path, smollm2, sample_data):
+    """The paper's SFT+RL recipe in miniature on the real SmolLM2-135M-Instruct.
+
+    A 135M model almost never produces the strict format from scratch, so every group would score 0. We warm-start
+    it with sft.py on 24 bundled traces (and check that SFT lowers the loss), then run GRPO on 8 other bundled
+    questions with the format part of the recipe's reward (common.grading:format_ok): a reward with signal for a
+    model this small. The strict reward is recorded too (acc/format columns) but not asserted."""
+    from common.data import load_rows
+
+    text = load_rows(os.path.join(sample_data, "text"))
+    (tmp_path / "warm").mkdir()
+    (tmp_path / "rl").mkdir()
+    text.select(range(8, 32)).to_parquet(str(tmp_path / "warm" / "data.parquet"))
+    text.select(range(8)).to_parquet(str(tmp_path / "rl" / "data.parquet"))
+    run_py("sft.py", "--model", smollm2, "--data", str(tmp_path / "warm"), "--dtype", "fp32", "--global_batch", "8",
+           "--micro_batch", "8", "--epochs", "2", "--lr", "1e-4", "--warmup_ratio", "0", "--out", str(tmp_path / "s"),
+           "--export_every_epoch", "false", timeout=900)
+    sft_loss = [r["loss"] for r in _metrics(tmp_path / "s")]
+    assert sum(sft_loss[3:]) / 3 < 0.6 * sum(sft_loss[:3]) / 3, sft_loss  # same 24 traces each epoch
+    run_py("grpo.py", "--model", str(tmp_path / "s" / "final"), "--data", str(tmp_path / "rl"), "--engine", "hf",
+           "--dtype", "fp32", "--group_size", "4", "--train_batch", "8", "--mini_batch", "8", "--max_new_tokens", "48",
+           "--lr", "5e-5", "--kl_coef", "0", "--max_steps", "6", "--epochs", "100", "--activation_checkpointing",
+           "false", "--reward", "common.grading:format_ok", "--save_every", "0", "--out", str(tmp_path / "g"),
+           timeout=900)
+    rewards = [r["reward"] for r in _metrics(tmp_path / "g")]
+    assert rewards[0] < 0.8 and rewards[-1] > 0.95 and max(rewards[-2:]) > rewards[0] + 0.15, rewards
+
+
+def test_vllm_engine_on_gpu(tiny_vl):
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a GPU")
+    from common.generate import Prompt, VLLMEngine
+    from common.model import load_processor
+
+    proc, tok = load_processor(tiny_vl)
+    llm = VLLMEngine(tiny_vl, tok, gpu_memory_utilization=0.3, max_model_len=1024)
+    out = llm.generate([Prompt(proc.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                        add_generation_prompt=True))], n=2, temperature=1.0,
+                       max_new_tokens=8, seeds=[1])
+    assert len(out[0]) == 2 and all(len(s.token_ids) <= 8 for s in out[0])
