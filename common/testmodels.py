@@ -163,3 +163,11 @@ def _move_into(tmp: str, folder: str) -> None:
     for name in os.listdir(tmp):
         os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     os.rmdir(tmp)
+
+
+if __name__ == "__main__":  # python -m common.testmodels {smollm2|tiny_vl|tiny_text} FOLDER
+    import sys
+
+    kind, folder = sys.argv[1], sys.argv[2]
+    {"smollm2": convert_smollm2, "tiny_vl": build_tiny_vl, "tiny_text": build_tiny_text}[kind](folder)
+    print(f"wrote {folder}")

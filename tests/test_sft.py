@@ -138,12 +138,5 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, tiny_vl, sample_data):
     assert p.returncode != 0 and "2 non-finite steps in a row" in p.stdout
 
 
-@pytest.mark.slow
-def test_smollm2_sft_lowers_loss_on_bundled_traces(tmp_path, smollm2, sample_data):
-    run_py("sft.py", "--model", smollm2, "--data", os.path.join(sample_data, "text"), "--dtype", "fp32",
-           "--global_batch", "8", "--micro_batch", "4", "--epochs", "2", "--lr", "5e-5", "--warmup_ratio", "0",
-           "--out", str(tmp_path / "s"), "--export_every_epoch", "false", timeout=900)
-    losses = _losses(tmp_path / "s")
-    assert len(losses) == 12
-    first, second = sum(losses[:6]) / 6, sum(losses[6:]) / 6  # same 48 samples each epoch
-    assert second < 0.8 * first, (first, second)
+# SmolLM2-135M SFT lowering its loss on the bundled traces is asserted in tests/test_grpo.py, where the same run
+# is the warm start of the SFT+RL learning test (one run instead of two on a 2-core CI).

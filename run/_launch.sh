@@ -1,0 +1,10 @@
+# Shared launcher bits, sourced by run/<stage>_<size>.sh: NGPU, NNODES and the rendezvous come from the environment.
+#   NNODES=4 NODE_RANK=0 MASTER_ADDR=host0 bash run/grpo_32b.sh     # multi-node (32B GRPO uses 4 nodes upstream)
+NGPU=${NGPU:-8}
+NNODES=${NNODES:-1}
+if [[ $NNODES == 1 ]]; then
+  LAUNCH=(torchrun --standalone --nproc_per_node "$NGPU")
+else
+  LAUNCH=(torchrun --nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK}" --nproc_per_node "$NGPU"
+          --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}")
+fi

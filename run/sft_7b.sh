@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The recipe's SFT runs for Qwen2.5-VL-7B (RECIPE §5): full-parameter, assistant-only loss, global batch 16,
+# lr 1e-5 cosine + 5 % warmup, AdamW (0.9, 0.95), wd 1e-4, bf16, 5 epochs with a save each (released: epoch_3).
+#   bash run/sft_7b.sh                 # SFT(m23k): text traces
+#   DATA=image bash run/sft_7b.sh      # SFT(PMC): GPT-4o CoT on PMC-VQA
+# Extra flags are forwarded: bash run/sft_7b.sh --max_steps 10
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source run/_launch.sh
+DATA=${DATA:-text}
+"${LAUNCH[@]}" sft.py --model 7b --data "$DATA" \
+  --lr 1e-5 --schedule cosine --warmup_ratio 0.05 --beta1 0.9 --beta2 0.95 --weight_decay 1e-4 --grad_clip 1.0 \
+  --global_batch 16 --micro_batch 1 --epochs 5 --max_length 32768 --dtype bf16 \
+  --activation_checkpointing false --out "outputs/sft/7b-$DATA" "$@"
