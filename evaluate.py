@@ -95,6 +95,7 @@ def summarise(records: list, n_boot: int = 1000, seed: int = 0) -> dict:
         entry = {"n_items": len(keys), "runs": per_run, "mean": float(np.mean(per_run)),
                  "std": float(np.std(per_run, ddof=1)) if len(per_run) > 1 else 0.0, "ci95": [lo, hi],
                  "strict_mean": float(100 * np.mean([np.mean([np.mean(v) for v in strict[k].values()]) for k in keys])),
+                 "format_rate": float(100 * np.mean([r.get("format", False) for r in records if r["dataset_name"] == name])),
                  "samples_per_item": n}
         if n > 1:
             ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n} | {n})
@@ -157,6 +158,7 @@ def grade_record(rec: dict, options: dict) -> dict:
     rec["letter"] = grading.option_letter(pred, options)
     rec["correct"] = grading.grade_answer(pred, rec["answer"], rec["answer_label"])
     rec["correct_strict"] = grading.strict_reward(rec["response"], rec["answer"], rec["answer_label"]) == 1.0
+    rec["format"] = grading.format_ok(rec["response"])
     return rec
 
 
@@ -228,11 +230,13 @@ def main(
     batch_size: int = 32,  # prompts per generate call
     # Output
     out: str = "",  # result folder ('' = outputs/eval/<model name>)
+    name: str = "",  # the model's label in tables and charts ('' = the model folder's name)
     n_boot: int = 1000,  # bootstrap resamples for the CIs
 ):
     user_config = dict(locals())
     d = dist.init(seed=seed)
-    name = os.path.basename(resolve(model).rstrip("/"))
+    name = name or os.path.basename(os.path.realpath(resolve(model)).rstrip("/")) if os.path.exists(resolve(model)) \
+        else name or os.path.basename(resolve(model).rstrip("/"))
     out = out or os.path.join("outputs", "eval", name)
     if d.is_main:
         os.makedirs(out, exist_ok=True)
