@@ -22,6 +22,7 @@ numbers exactly use the released eval set (`eval` with no raw flags).
 
 import ast
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -298,18 +299,9 @@ def pmc_vqa_rows(csv_path, image_dir, name="pmc_vqa"):
 
 
 def unified_rows(source, split="test"):
-    """Rows already in the unified schema (a hub dataset or a local copy)."""
+    """Rows already in the unified schema (a hub dataset or a local copy): indices, read lazily by the workers."""
     ds = load_rows(source, split)
-    root = data_root(source)
-
-    def rows():
-        for i in range(len(ds)):
-            try:
-                yield i, ds[i]
-            except Exception as e:  # undecodable cell
-                yield i, RowError(f"unreadable row ({type(e).__name__})")
-
-    return root, list(rows()) if len(ds) < 200_000 else rows()
+    return data_root(source), [(i, i) for i in range(len(ds))], ds
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -411,56 +403,85 @@ def reason_kind(reason: str) -> str:
     return re.sub(r"'[^']*'|\"[^\"]*\"|\b\d+\b", "_", reason)[:80]
 
 
+@functools.lru_cache(maxsize=2)
+def _token_counter(name: str, trust_remote_code: bool):
+    """Per process: the processor that counts prompt tokens (workers load their own copy)."""
+    from common.model import load_processor
+
+    processor, tok = load_processor(name, trust_remote_code)
+    return lambda item: prompt_tokens(processor, tok, item)
+
+
+META = ("reject_reason", "source", "source_row")  # bookkeeping columns, removed before writing
+
+
+def _rows_gen(shards, table, root, bound, tokenizer, trust_remote_code, max_prompt_length, extra, source):
+    """One worker's shards of rows: converted and validated, or an empty row carrying the reason it was rejected."""
+    counter = _token_counter(tokenizer, trust_remote_code) if tokenizer else None
+    for src, raw in (x for shard in shards for x in shard):
+        if isinstance(raw, int):  # an index into an existing dataset: read it here, in the worker
+            try:
+                raw = table[raw]
+            except RowError as e:
+                raw = e
+            except Exception as e:  # a cell that cannot be decoded
+                raw = RowError(f"unreadable row ({type(e).__name__})")
+        got, reason = _process(raw, root, bound, counter)
+        if got is not None and counter is not None and got[1] > max_prompt_length:
+            got, reason = None, f"prompt too long ({got[1]} tokens > {max_prompt_length})"
+        label, row_no = src if isinstance(src, tuple) else (source, src)
+        if got is None:
+            row = {"dataset_name": raw.get("dataset_name") if isinstance(raw, dict) else None,
+                   "dataset_index": raw.get("dataset_index") if isinstance(raw, dict) else None}
+            row["dataset_index"] = row["dataset_index"] if isinstance(row["dataset_index"], int) else None
+            yield {**row, "reject_reason": reason, "source": str(label), "source_row": row_no}
+            continue
+        row, n = got
+        row["prompt_tokens"] = n
+        for k, (_, fn) in extra.items():
+            row[k] = fn(row)
+        yield {**row, "reject_reason": None, "source": str(label), "source_row": row_no}
+
+
 def write_set(rows, out: str, flags: dict, source: str, root=None, bound: bool = True, tokenizer: str = "",
               max_prompt_length: int = 2048, extra_columns: dict | None = None, rejects_in: list | None = None,
-              trust_remote_code: bool = False) -> dict:
-    """Validate and write rows [(source_row, raw)] to `out` atomically; return the manifest."""
+              trust_remote_code: bool = False, table=None, num_proc: int = 0) -> dict:
+    """Validate and write rows [(source_row, raw | index into `table`)] to `out` atomically; return the manifest.
+
+    Rows stream through datasets' generator builder (images never all in memory), in `num_proc` worker processes
+    (0 = up to 4 for large inputs); rejected rows travel as empty rows with their reason and are split off at the end."""
     import datasets
 
-    counter = None
-    if tokenizer:
-        from common.model import load_processor
-
-        processor, tok = load_processor(tokenizer, trust_remote_code)
-        counter = lambda item: prompt_tokens(processor, tok, item)  # noqa: E731
-    rejects = list(rejects_in or [])
+    extra = extra_columns or {}
     feats = features()
     feats["prompt_tokens"] = datasets.Value("int32")
-    for k, v in (extra_columns or {}).items():
-        feats[k] = v[0]
-    kept_names, n_in, lengths = Counter(), 0, []
-
-    def gen():
-        nonlocal n_in
-        for src, raw in tqdm(rows, desc=f"write {os.path.basename(out)}", unit="row", dynamic_ncols=True):
-            n_in += 1
-            got, reason = _process(raw, root, bound, counter)
-            name = raw.get("dataset_name") if isinstance(raw, dict) else None
-            index = raw.get("dataset_index") if isinstance(raw, dict) else None
-            if got is not None and counter is not None and got[1] > max_prompt_length:
-                got, reason = None, f"prompt too long ({got[1]} tokens > {max_prompt_length})"
-            if got is None:
-                label, row_no = src if isinstance(src, tuple) else (source, src)
-                rejects.append({"source": label, "source_row": row_no, "dataset_name": name, "dataset_index": index,
-                                "reason": reason})
-                continue
-            row, n = got
-            row["prompt_tokens"] = n
-            for k, v in (extra_columns or {}).items():
-                row[k] = v[1](row)
-            kept_names[row["dataset_name"]] += 1
-            lengths.append(n)
-            yield row
-
+    for k, (feat, _) in extra.items():
+        feats[k] = feat
+    feats["reject_reason"], feats["source"] = datasets.Value("string"), datasets.Value("string")
+    feats["source_row"] = datasets.Value("int64")
+    rows = list(rows)
+    num_proc = num_proc or (min(4, os.cpu_count() or 1) if len(rows) > 2000 else 1)
+    n_shards = num_proc * 4 if num_proc > 1 else 1
+    step = max(1, -(-len(rows) // n_shards))
+    shards = [rows[i : i + step] for i in range(0, len(rows), step)] or [[]]
+    kw = dict(table=table, root=root, bound=bound, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
+              max_prompt_length=max_prompt_length, extra=extra, source=source)
     with atomic_dir(out) as tmp:
-        try:
-            ds = datasets.Dataset.from_generator(gen, features=feats, cache_dir=os.path.join(tmp, ".cache"))
-        except ValueError:  # datasets refuses a generator that yields nothing: every row was rejected
-            if kept_names:
-                raise
+        if rows:
+            ds = datasets.Dataset.from_generator(_rows_gen, features=feats, cache_dir=os.path.join(tmp, ".cache"),
+                                                 gen_kwargs={"shards": shards, **kw},
+                                                 num_proc=num_proc if len(shards) > 1 else None)
+        else:
             ds = datasets.Dataset.from_dict({k: [] for k in feats}, features=feats)
-        ds.to_parquet(os.path.join(tmp, "data.parquet"))
-        del ds
+        meta = ds.select_columns(["reject_reason", "source", "source_row", "dataset_name", "dataset_index",
+                                  "prompt_tokens"]).to_list()
+        rejects = list(rejects_in or []) + [
+            {"source": m["source"], "source_row": m["source_row"], "dataset_name": m["dataset_name"],
+             "dataset_index": m["dataset_index"], "reason": m["reject_reason"]} for m in meta if m["reject_reason"]]
+        kept = [m for m in meta if not m["reject_reason"]]
+        ok = ds.filter(lambda r: r is None, input_columns="reject_reason", num_proc=None).remove_columns(list(META))
+        ok.to_parquet(os.path.join(tmp, "data.parquet"))
+        del ds, ok
         shutil.rmtree(os.path.join(tmp, ".cache"), ignore_errors=True)
         with open(os.path.join(tmp, "rejects.jsonl"), "w") as f:
             f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
@@ -468,15 +489,15 @@ def write_set(rows, out: str, flags: dict, source: str, root=None, bound: bool =
         with open(os.path.join(tmp, "data.parquet"), "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-        n_conv = len(rejects_in or [])
-        manifest = {"source": source, "rows_in": n_in + n_conv, "rows_out": sum(kept_names.values()),
+        lengths = [m["prompt_tokens"] for m in kept]
+        manifest = {"source": source, "rows_in": len(rows) + len(rejects_in or []), "rows_out": len(kept),
                     "rows_rejected": len(rejects),
                     "reject_reasons": dict(Counter(reason_kind(r["reason"]) for r in rejects)),
-                    "per_dataset": dict(kept_names), "prompt_tokens": {
+                    "per_dataset": dict(Counter(m["dataset_name"] for m in kept)), "prompt_tokens": {
                         "checked_with": tokenizer or None, "max_prompt_length": max_prompt_length if tokenizer else None,
-                        "max": max(lengths) if lengths and counter else None,
-                        "mean": sum(lengths) / len(lengths) if lengths and counter else None},
-                    "images_bounded": bound, "sha256": h.hexdigest(), "flags": flags,
+                        "max": max(lengths) if lengths and tokenizer else None,
+                        "mean": sum(lengths) / len(lengths) if lengths and tokenizer else None},
+                    "images_bounded": bound, "num_proc": num_proc, "sha256": h.hexdigest(), "flags": flags,
                     "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(os.path.join(tmp, "manifest.json"), manifest)
     print(f"wrote {out}: {manifest['rows_out']} rows kept of {manifest['rows_in']} "
@@ -519,14 +540,16 @@ def eval_set(
     bound_images: bool = False,  # recipe: eval images are not resized (the processor's max_pixels applies)
     tokenizer: str = "",  # count prompt tokens with this model's processor ('' = skip)
     max_prompt_length: int = 1_000_000,  # eval prompts are not length-filtered by default
+    num_proc: int = 0,  # worker processes (0 = up to 4 for large inputs)
 ):
     """The unified six-benchmark evaluation set."""
     flags = dict(locals())
     raw = {"vqa_rad": vqa_rad, "slake": slake, "pathvqa": pathvqa, "mmmu": mmmu, "medxpertqa_mm": medxpertqa_mm,
            "pmc_vqa": pmc_vqa_csv}
     if not any(raw.values()):
-        root, rows = unified_rows(source, split)
-        write_set(rows, out, flags, source, root, bound_images, tokenizer, max_prompt_length)
+        root, rows, table = unified_rows(source, split)
+        write_set(rows, out, flags, source, root, bound_images, tokenizer, max_prompt_length, table=table,
+                  num_proc=num_proc)
         return
     parts = []
     if pmc_vqa_csv:
@@ -541,10 +564,10 @@ def eval_set(
         parts.append((slake, slake_rows(slake)))
     if vqa_rad:
         parts.append((vqa_rad, vqa_rad_rows(vqa_rad)))
-    _write_parts(parts, out, flags, "raw benchmark files", bound_images, tokenizer, max_prompt_length)
+    _write_parts(parts, out, flags, "raw benchmark files", bound_images, tokenizer, max_prompt_length, num_proc)
 
 
-def _write_parts(parts, out, flags, source, bound, tokenizer, max_prompt_length):
+def _write_parts(parts, out, flags, source, bound, tokenizer, max_prompt_length, num_proc=0):
     """Concatenate converted sources (images resolve inside each source's own folder); indices become 0..N-1."""
     rows, rejects = [], []
     for label, (root, part) in parts:
@@ -556,7 +579,8 @@ def _write_parts(parts, out, flags, source, bound, tokenizer, max_prompt_length)
             misc = raw.get("misc") or {}
             rows.append(((label, src), {**raw, "_root": root, "dataset_index": len(rows),
                                         "misc": {**misc, "source_index": raw["dataset_index"]}}))
-    return write_set(rows, out, flags, source, None, bound, tokenizer, max_prompt_length, rejects_in=rejects)
+    return write_set(rows, out, flags, source, None, bound, tokenizer, max_prompt_length, rejects_in=rejects,
+                     num_proc=num_proc)
 
 
 def text(
@@ -571,12 +595,13 @@ def text(
     medxpertqa_text: str = "",  # MedXpertQA Text jsonl (medagents layout)
     tokenizer: str = "",  # count prompt tokens with this model's processor ('' = skip)
     max_prompt_length: int = 2048,  # recipe: prompts over 2048 tokens cannot be trained on
+    num_proc: int = 0,  # worker processes (0 = up to 4 for large inputs)
 ):
     """Text-only training MCQs (m23k, or raw MedQA / MedMCQA / HEAD-QA / PubMedQA / MedXpertQA-Text files)."""
     flags = dict(locals())
     if source:
-        root, rows = unified_rows(source, split)
-        write_set(rows, out, flags, source, root, True, tokenizer, max_prompt_length)
+        root, rows, table = unified_rows(source, split)
+        write_set(rows, out, flags, source, root, True, tokenizer, max_prompt_length, table=table, num_proc=num_proc)
         return
     parts = []
     if medqa:
@@ -591,7 +616,7 @@ def text(
         parts.append((medxpertqa_text, medxpertqa_text_rows(medxpertqa_text)))
     if not parts:
         raise SystemExit("text: give --source or at least one raw file flag")
-    _write_parts(parts, out, flags, "raw text QA files", True, tokenizer, max_prompt_length)
+    _write_parts(parts, out, flags, "raw text QA files", True, tokenizer, max_prompt_length, num_proc)
 
 
 def pmc_vqa(
@@ -602,14 +627,16 @@ def pmc_vqa(
     split: str = "train",
     tokenizer: str = "",  # count prompt tokens with this model's processor ('' = skip)
     max_prompt_length: int = 2048,
+    num_proc: int = 0,  # worker processes (0 = up to 4 for large inputs)
 ):
     """PMC-VQA training set with the upstream cleaning rules (RECIPE §1.4) and image bounds (§1.6)."""
     flags = dict(locals())
     if csv_path:
-        _write_parts([(csv_path, pmc_vqa_rows(csv_path, images))], out, flags, csv_path, True, tokenizer, max_prompt_length)
+        _write_parts([(csv_path, pmc_vqa_rows(csv_path, images))], out, flags, csv_path, True, tokenizer,
+                     max_prompt_length, num_proc)
         return
-    root, rows = unified_rows(source, split)
-    write_set(rows, out, flags, source, root, True, tokenizer, max_prompt_length)
+    root, rows, table = unified_rows(source, split)
+    write_set(rows, out, flags, source, root, True, tokenizer, max_prompt_length, table=table, num_proc=num_proc)
 
 
 def inference_correct(response: str, answer: str, answer_label: str) -> bool:
@@ -757,14 +784,15 @@ def sft(
     data: str = "data/pmc_vqa",  # a folder written by this script
     out: str = "data/pmc_vqa_sft",  # output folder: rows with reasoning only
     traces: str = "",  # evaluate.py items.jsonl (or any jsonl with dataset_index + response [+ correct]) to attach
+    split: str = "train",  # split of a hub dataset
 ):
     """Attach reasoning traces (first correct rollout's <think> text, RECIPE §1.5) and keep rows that have one.
 
     sft.py trains on `<think> {reasoning} </think>\\n<answer> {label} </answer>` built from these rows."""
+    flags = dict(locals())
     import datasets
 
-    flags = dict(locals())
-    ds = load_rows(data)
+    ds = load_rows(data, split)
     found = {}
     if traces:
         with open(traces) as f:
@@ -774,22 +802,25 @@ def sft(
                 m = re.search(r"<think>(.*?)</think>", r.get("response", ""), re.DOTALL)
                 if ok and m and r["dataset_index"] not in found:
                     found[r["dataset_index"]] = m.group(1).strip()
-    root = data_root(data)
+    table = _WithTraces(ds, found)
+    write_set([(i, i) for i in range(len(ds))], out, flags, data, data_root(data), False, table=table,
+              extra_columns={"target": (datasets.Value("string"),
+                                        lambda r: prompts.sft_target(r["reasoning"], r["answer_label"]))})
 
-    def rows():
-        for i in range(len(ds)):
-            row = dict(ds[i])
-            if row["dataset_index"] in found:
-                row["reasoning"] = found[row["dataset_index"]]
-            if not (row.get("reasoning") or "").strip():
-                yield i, RowError("no reasoning trace")
-            else:
-                row.pop("prompt_tokens", None)
-                yield i, row
 
-    write_set(list(rows()), out, flags, data, root, False,
-                     extra_columns={"target": (datasets.Value("string"),
-                                               lambda r: prompts.sft_target(r["reasoning"], r["answer_label"]))})
+class _WithTraces:
+    """A dataset whose rows get their reasoning from `found` (dataset_index -> trace); rows without one are rejected."""
+
+    def __init__(self, ds, found):
+        self.ds, self.found = ds, found
+
+    def __getitem__(self, i):
+        row = dict(self.ds[i])
+        row.pop("prompt_tokens", None)
+        row["reasoning"] = self.found.get(row["dataset_index"], row.get("reasoning"))
+        if not (row["reasoning"] or "").strip():
+            raise RowError("no reasoning trace")
+        return row
 
 
 def normalise_question(q: str) -> str:
