@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from common import cli, dist, grading, prompts
 from common.data import (RowError, atomic_dir, bound_image, data_root, features, load_image, load_rows, parse_options,
-                         parse_row, to_row, write_json)
+                         parse_row, repair_tail, to_row, write_json)
 from common.sample_facts import FACTS
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -106,13 +106,18 @@ def _mcq(question, options, label, name, index, images=None, reasoning=None, mis
 
 
 def _jsonl(path):
-    with open(path, encoding="utf-8", errors="strict") as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                try:
-                    yield i, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield i, RowError(f"line is not JSON ({e.msg})")
+    """(line number, object or RowError) per non-empty line; a bad line never fails the file."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+                yield i, obj if isinstance(obj, dict) else RowError(f"line {i + 1} is not a JSON object")
+            except UnicodeDecodeError as e:
+                yield i, RowError(f"line {i + 1} is not UTF-8 (byte {e.start})")
+            except json.JSONDecodeError as e:
+                yield i, RowError(f"line {i + 1} is not JSON ({e.msg})")
 
 
 def _options_field(v):
@@ -676,6 +681,7 @@ def passrate(
     lo, hi = dp_rank * per, min(total, (dp_rank + 1) * per)
     os.makedirs(out, exist_ok=True)
     shard = os.path.join(out, f"counts.rank{d.rank}.jsonl")
+    repair_tail(shard)
     done = set()
     for path in [os.path.join(out, "counts.jsonl")] + [os.path.join(out, f) for f in os.listdir(out) if f.startswith("counts.rank")]:
         if os.path.exists(path):

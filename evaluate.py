@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import cli, dist, grading, prompts
+from common import checkpoint, cli, dist, grading, prompts
 from common.faults import crash_point
-from common.data import RowError, data_root, load_rows, parse_row, write_json
+from common.data import RowError, data_root, load_rows, parse_row, repair_tail, write_json
 from common.generate import HFEngine, Prompt, VLLMEngine, row_seed
 from common.model import load_model, load_processor, resolve
 
@@ -182,16 +182,6 @@ def read_records(folder: str) -> list:
     return [seen[k] for k in sorted(seen, key=lambda k: (bench_order(k[0]), k[1], k[2], k[3]))]
 
 
-def repair_tail(path: str) -> None:
-    """Cut a last line left half-written by a kill, so appended records start on a line of their own."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
-
-
 def finish(folder: str, records: list, label: str, n_boot: int, extra: dict) -> dict:
     summary = summarise(records, n_boot)
     summary.update(extra)
@@ -238,8 +228,8 @@ def main(
     name = name or os.path.basename(os.path.realpath(resolve(model)).rstrip("/")) if os.path.exists(resolve(model)) \
         else name or os.path.basename(resolve(model).rstrip("/"))
     out = out or os.path.join("outputs", "eval", name)
+    checkpoint.check_output(out)
     if d.is_main:
-        os.makedirs(out, exist_ok=True)
         write_json(os.path.join(out, "config.json"), user_config)
     dist.barrier()
 

@@ -306,13 +306,15 @@ def main(
     save_every: int = 50,  # steps; a DCP checkpoint and an HF folder each time (recipe save_freq 50)
     out: str = "",  # '' = outputs/grpo/<model>-<data>
     resume: str = "auto",  # auto | '' | a ckpt/step_N folder
+    min_free_gb: float = -1,  # free space the output folder must have at start (-1 = estimate one checkpoint)
+    timeout_s: float = 1800,  # collective timeout: a rank that dies stops the others instead of hanging them
     wandb: bool = False,
     log_every: int = 1,
 ):
     user_config = dict(locals())
     t_start = time.time()
     G = group_size
-    d = dist.init(seed=seed)
+    d = dist.init(seed=seed, timeout_s=timeout_s)
     size = SIZES.get(model.lower(), dict(micro_batch=32, tp=1))
     micro_batch = size["micro_batch"] if micro_batch < 0 else micro_batch
     tp = size["tp"] if tp < 0 else tp
@@ -330,8 +332,8 @@ def main(
     updates = train_batch // mini_batch
     local_prompts, local_mb = train_batch // d.world_size, mini_batch // d.world_size
     micro_groups = max(1, micro_batch // G)
+    checkpoint.check_output(out)
     if d.is_main:
-        os.makedirs(out, exist_ok=True)
         write_json(os.path.join(out, "config.json"), {**user_config, "engine": engine, "tp": tp, "epochs": epochs,
                                                       "micro_batch": micro_batch, "git": git_sha()})
         print(f"grpo: {model} on {src} | {train_batch} prompts x {G} = {train_batch * G} responses/step, "
@@ -389,6 +391,8 @@ def main(
         return m
 
     net = sharded(model, cpu_offload, activation_checkpointing, freeze_vision)
+    checkpoint.check_output(out, int(min_free_gb * 2**30) if min_free_gb >= 0 else
+                            checkpoint.checkpoint_bytes(net, d.world_size))
     ref = sharded(ref_model or model, ref_offload, False, False).eval() if kl_coef != 0 else None
     if ref is not None:
         ref.requires_grad_(False)
@@ -461,12 +465,15 @@ def main(
             v = validate(step)
             log.log(step, v, f"step {step:05d} | val acc {v['val/acc']:.4f} | val reward {v['val/reward']:.4f} "
                              f"({int(v['val/items'])} items)")
-        if step > 0 and step != start_step and (last_step or (save_every and step % save_every == 0)):
-            checkpoint.save(os.path.join(out, "ckpt"), step, net, opt, {"user_config": user_config})
-            name = f"step_{step:06d}"
-            checkpoint.export_hf(net, os.path.join(out, name), processor, tokenizer,
-                                 {"stage": "grpo", "step": step, "user_config": user_config, "git": git_sha()},
-                                 dtype=torch.bfloat16 if dtype == "bf16" else None)
+        fresh = step != start_step  # the checkpoint we resumed from is not written again
+        name = f"step_{step:06d}"
+        if step > 0 and (last_step or (save_every and step % save_every == 0)):
+            if fresh:
+                checkpoint.save(os.path.join(out, "ckpt"), step, net, opt, {"user_config": user_config})
+            if fresh or not os.path.exists(os.path.join(out, name, "meta.json")):  # a kill may have cut the export
+                checkpoint.export_hf(net, os.path.join(out, name), processor, tokenizer,
+                                     {"stage": "grpo", "step": step, "user_config": user_config, "git": git_sha()},
+                                     dtype=torch.bfloat16 if dtype == "bf16" else None)
             if d.is_main:
                 link = os.path.join(out, "final")
                 if os.path.lexists(link):

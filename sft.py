@@ -111,21 +111,21 @@ def main(
     save_every: int = 0,  # extra resumable checkpoints every N steps (0 = epoch ends only)
     export_every_epoch: bool = True,  # HF folder out/epoch_E at each epoch end
     resume: str = "auto",  # auto = newest complete checkpoint in out/ckpt | '' = start fresh | a step_N folder
+    min_free_gb: float = -1,  # free space the output folder must have at start (-1 = estimate one checkpoint)
+    timeout_s: float = 1800,  # collective timeout: a rank that dies stops the others instead of hanging them
     wandb: bool = False,
     log_every: int = 1,
 ):
     user_config = dict(locals())
     t_start = time.time()
-    d = dist.init(seed=seed)
+    d = dist.init(seed=seed, timeout_s=timeout_s)
     size = SIZES.get(model.lower(), {})
     ckpt_on = size.get("activation_checkpointing", False) if activation_checkpointing == "auto" \
         else activation_checkpointing == "true"
     out = out or os.path.join("outputs", "sft", f"{os.path.basename(resolve(model).rstrip('/'))}-{data.replace('/', '_')}")
     accum = batch_plan(global_batch, micro_batch, d.world_size)
+    checkpoint.check_output(out)
     if d.is_main:
-        os.makedirs(out, exist_ok=True)
-        if not os.access(out, os.W_OK):
-            raise SystemExit(f"output folder {out} is not writable")
         write_json(os.path.join(out, "config.json"), {**user_config, "git": git_sha(), "world_size": d.world_size})
         print(f"sft: {model} on {data} | world {d.world_size} x micro {micro_batch} x accum {accum} = "
               f"{global_batch} samples/step | out {out}", flush=True)
@@ -166,6 +166,8 @@ def main(
     net = build_meta(model, dtype="fp32", attn=attn, trust_remote_code=trust_remote_code)
     fsdp.shard(net, param_dtype=dtype, cpu_offload=cpu_offload, activation_checkpointing=ckpt_on,
                freeze_vision=freeze_vision)
+    checkpoint.check_output(out, int(min_free_gb * 2**30) if min_free_gb >= 0 else
+                            checkpoint.checkpoint_bytes(net, d.world_size))
     fsdp.load_from_rank0(net, model, d.device, trust_remote_code)
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]

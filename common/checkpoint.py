@@ -10,6 +10,7 @@ reports the ones it skips. The HF folder loads with transformers, vLLM, evaluate
 import glob
 import json
 import os
+import pickle
 import random
 import shutil
 
@@ -21,10 +22,36 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from common import fsdp
 from common.data import write_json
+from common.faults import crash_point
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def check_output(out: str, need_bytes: int = 0) -> None:
+    """Fail before any work when the output folder cannot be created or written, or lacks room for a checkpoint."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"x" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"output folder {out} is not writable: {e.strerror or e}") from None
+    free = shutil.disk_usage(out).free
+    if need_bytes and free < need_bytes:
+        size = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
+        raise SystemExit(f"output folder {out} has {size(free)} free, a checkpoint needs about {size(need_bytes)} "
+                         "(set --min_free_gb if you know better)")
+
+
+def checkpoint_bytes(model, world_size: int = 1) -> int:
+    """Rough bytes one save writes: fp32 weights + two AdamW moments (sharded) + a bf16 HF export (rank 0)."""
+    n = sum(p.numel() for p in model.parameters())
+    return int(n * (12 / world_size + 2) * 1.05)
 
 
 def param_signature(model) -> dict:
@@ -54,8 +81,11 @@ def save(folder: str, step: int, model, optimizer, state: dict) -> str:
     torch.save(rng, os.path.join(tmp, f"rng_rank{_rank()}.pt"))
     if dist.is_initialized():
         dist.barrier()
+    crash_point("ckpt_between_files")  # shards written, state not yet: the save must be ignored on resume
     if _rank() == 0:
-        write_json(os.path.join(tmp, "state.json"), {**state, "step": step, "params": param_signature(model)})
+        files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+        write_json(os.path.join(tmp, "state.json"), {**state, "step": step, "params": param_signature(model),
+                                                      "files": files})
         open(os.path.join(tmp, "COMPLETE"), "w").close()
         if os.path.exists(final):
             shutil.rmtree(final)
@@ -78,9 +108,15 @@ def latest(folder: str, report=print) -> str | None:
             continue
         try:
             with open(os.path.join(path, "state.json")) as f:
-                step = json.load(f)["step"]
+                state = json.load(f)
+            step = state["step"]
         except (OSError, ValueError, KeyError) as e:
             report(f"ignoring {path}: unreadable state.json ({type(e).__name__})")
+            continue
+        bad = [f for f, n in state.get("files", {}).items()
+               if not os.path.exists(os.path.join(path, f)) or os.path.getsize(os.path.join(path, f)) != n]
+        if bad:
+            report(f"ignoring {path}: {len(bad)} file(s) missing or of the wrong size, e.g. {bad[0]}")
             continue
         found.append((step, path))
     return max(found)[1] if found else None
@@ -94,6 +130,7 @@ def load(path: str, model, optimizer) -> dict:
     if want and want != have:
         diff = sorted(set(want) ^ set(have))[:5] or [k for k in want if want[k] != have.get(k)][:5]
         raise ValueError(f"checkpoint {path} does not match this model (first differences: {diff})")
+    check_dcp_metadata(path)
     sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     dcp.load(sd, checkpoint_id=path)
     set_model_state_dict(model, sd["model"])
@@ -106,6 +143,36 @@ def load(path: str, model, optimizer) -> dict:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP keeps its index in a pickle. Allow only the classes such an index holds, so a checkpoint folder from
+    elsewhere cannot run code when it is opened."""
+
+    SAFE_BUILTINS = {"set", "frozenset", "slice", "tuple", "list", "dict", "int", "float", "str", "bytes", "bool",
+                     "complex", "range", "object"}
+
+    def find_class(self, module, name):
+        if module.startswith("torch.distributed.checkpoint") or module == "collections" and name == "OrderedDict":
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        if module in ("builtins", "__builtin__") and name in self.SAFE_BUILTINS:
+            return super().find_class(module, name)
+        if (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                              ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath")}:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name} in a checkpoint index")
+
+
+def check_dcp_metadata(path: str) -> None:
+    """Raise ValueError if the DCP index of `path` names anything but checkpoint metadata classes."""
+    meta = os.path.join(path, ".metadata")
+    try:
+        with open(meta, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+        raise ValueError(f"{path} is not a checkpoint this code wrote (its index is unsafe or broken: {e})") from None
 
 
 def export_hf(model, folder: str, processor=None, tokenizer=None, meta: dict | None = None,

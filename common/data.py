@@ -19,6 +19,7 @@ from PIL import Image
 MAX_SIDE, MIN_SIDE = 1024, 28  # training image bounds (RECIPE §1.6)
 MAX_PIXELS_DECODE = 64_000_000  # refuse to decode anything larger (decompression bombs, 20000x20000 scans)
 MAX_IMAGE_BYTES = 50 * 2**20
+MIN_DECODED_SIDE = 4  # 1x1 / 2x2 "images" are placeholders or damage, not pictures
 MAX_QUESTION_CHARS = 16_000  # far above any benchmark question; longer ones are garbage or attacks
 SCHEMA = ("images", "question", "options", "answer_label", "answer", "reasoning", "dataset_name", "dataset_index")
 
@@ -52,10 +53,63 @@ def features(with_images: bool = True):
     return Features(cols)
 
 
+class JsonlRows:
+    """A .jsonl file read line by line: a line that is not UTF-8 or not a JSON object becomes a RowError when
+    indexed, instead of failing the whole file as datasets' json loader would. Enough of the Dataset API for us."""
+
+    def __init__(self, path: str):
+        self.rows = []
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                    self.rows.append(row if isinstance(row, dict) else RowError(f"line {n} is not a JSON object"))
+                except UnicodeDecodeError as e:
+                    self.rows.append(RowError(f"line {n} is not UTF-8 (byte {e.start})"))
+                except json.JSONDecodeError as e:
+                    self.rows.append(RowError(f"line {n} is not JSON ({e.msg})"))
+        keys = {k for r in self.rows if isinstance(r, dict) for k in r}
+        self.column_names = sorted(keys)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        if isinstance(r, RowError):
+            raise r
+        return r
+
+    def __iter__(self):
+        return (r if isinstance(r, dict) else {"_error": str(r)} for r in self.rows)
+
+    def select_columns(self, cols):
+        return self
+
+    def __getstate__(self):
+        return self.__dict__
+
+
 def load_rows(source: str, split: str = "test"):
-    """A datasets.Dataset from a save_to_disk folder, parquet file/folder, jsonl/json file, or a hub id."""
+    """Rows from a save_to_disk folder, parquet file/folder, jsonl file (line by line), json file, or a hub id.
+    A source that cannot be read at all stops the script with a message naming it."""
+    try:
+        return _load_rows(source, split)
+    except (OSError, ValueError, ImportError) as e:  # pyarrow/datasets raise many types for unreadable files
+        raise SystemExit(f"cannot read {source}: {type(e).__name__}: {str(e)[:300]}") from None
+    except Exception as e:
+        if type(e).__module__.split(".")[0] in ("pyarrow", "datasets", "huggingface_hub"):
+            raise SystemExit(f"cannot read {source}: {type(e).__name__}: {str(e)[:300]}") from None
+        raise
+
+
+def _load_rows(source: str, split: str):
     import datasets
 
+    if os.path.isfile(source) and source.endswith(".jsonl"):
+        return JsonlRows(source)
     if os.path.isdir(source):
         if os.path.exists(os.path.join(source, "dataset_dict.json")):
             return datasets.load_from_disk(source)[split]
@@ -117,6 +171,7 @@ def parse_options(raw) -> dict:
     for k, v in opts.items():
         if not isinstance(k, str) or not k.strip() or not isinstance(v, str) or not v.strip():
             raise RowError(f"option {k!r} is empty or not text")
+        _text({f"option {k}": v}, f"option {k}")  # control characters
     return opts
 
 
@@ -149,8 +204,10 @@ def load_image(value, root: str | None = None) -> Image.Image:
     w, h = img.size
     if w * h > MAX_PIXELS_DECODE:
         raise RowError(f"image too large: {w}x{h}")
-    if w < 1 or h < 1:
-        raise RowError(f"image has no pixels: {w}x{h}")
+    if w < MIN_DECODED_SIDE or h < MIN_DECODED_SIDE:
+        raise RowError(f"image too small to hold content: {w}x{h}")
+    if max(w, h) / min(w, h) > 200:  # the Qwen2.5-VL processor refuses these mid-training
+        raise RowError(f"image aspect ratio over 200: {w}x{h}")
     try:
         img.load()
         return to_rgb(img)
@@ -197,6 +254,8 @@ def parse_row(row: dict, root: str | None = None, need_images: bool = True) -> I
     """Validate one unified-schema row into an Item, or raise RowError saying why it cannot be used."""
     if not isinstance(row, dict):
         raise RowError(f"row is {type(row).__name__}, not an object")
+    if "_error" in row:  # a line JsonlRows could not read
+        raise RowError(row["_error"])
     question = _text(row, "question")
     if not question.strip():
         raise RowError("empty question")
@@ -244,7 +303,10 @@ def atomic_dir(final: str):
     which nothing reads)."""
     tmp = final.rstrip("/") + f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise SystemExit(f"cannot write next to {final}: {e.strerror or e}") from None
     try:
         yield tmp
     except BaseException:
@@ -255,6 +317,16 @@ def atomic_dir(final: str):
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def repair_tail(path: str) -> None:
+    """Cut a last line left half-written by a kill, so records appended later start on a line of their own."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def write_json(path: str, obj) -> None:

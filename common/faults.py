@@ -8,8 +8,11 @@ _visits: dict = {}
 
 
 def crash_point(name: str) -> None:
+    """Hard-exit at the N-th visit of point `name` when MEDVL_CRASH=name:N (and MEDVL_CRASH_RANK, if set, is ours)."""
     spec = os.environ.get("MEDVL_CRASH", "")
     if not spec:
+        return
+    if os.environ.get("MEDVL_CRASH_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     point, _, n = spec.partition(":")
     if point != name:

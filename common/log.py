@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from common.data import repair_tail
+
 # Dense bf16 peak FLOP/s per GPU (vendor datasheets); MFU is reported only where the peak is known.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
              "A10G": 125e12, "L4": 121e12, "B200": 2250e12}
@@ -44,6 +46,7 @@ class Logger:
         self.wandb = DummyWandb()
         if is_main:
             os.makedirs(out, exist_ok=True)
+            repair_tail(self.path)
             if use_wandb:
                 try:
                     import wandb

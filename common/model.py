@@ -68,8 +68,15 @@ def load_model(name: str, dtype: str = "bf16", device="cpu", attn: str = "auto",
     """A full model on `device`, our forward entry points attached."""
     path = resolve(name)
     config = load_config(path, trust_remote_code)
-    model = model_class(config).from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation(attn),
-                                                trust_remote_code=trust_remote_code, use_safetensors=True)
+    if os.path.isdir(path) and not any(f.endswith(".safetensors") for f in os.listdir(path)):
+        raise ValueError(f"{path}: no .safetensors weights (pickled .bin/.pt weights are not loaded)")
+    model, info = model_class(config).from_pretrained(
+        path, dtype=DTYPES[dtype], attn_implementation=attn_implementation(attn), trust_remote_code=trust_remote_code,
+        use_safetensors=True, output_loading_info=True)
+    missing, mismatched = info.get("missing_keys", []), info.get("mismatched_keys", [])
+    if missing or mismatched:  # transformers would fill these with random values and only log a warning
+        raise ValueError(f"{path}: the weights do not match its config: {len(missing)} missing (e.g. "
+                         f"{sorted(missing)[:3]}), {len(mismatched)} of another shape (e.g. {list(mismatched)[:2]})")
     return forward.attach(model.to(device))
 
 
