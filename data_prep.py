@@ -37,8 +37,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from common import cli, dist, grading, prompts
-from common.data import (RowError, atomic_dir, bound_image, data_root, features, load_image, load_rows, parse_options,
-                         parse_row, repair_tail, to_row, write_json)
+from common.data import (RowError, atomic_dir, bound_image, data_root, features, load_rows, parse_row, repair_tail, to_row, write_json)
 from common.sample_facts import FACTS
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -693,7 +692,7 @@ def passrate(
                         pass
     processor, tok = load_processor(model)
     if engine == "vllm":
-        gen = VLLMEngine(resolve(model), tok, tp=tp, seed=seed, external_launcher=d.world_size > 1,
+        gen = VLLMEngine(resolve(model), tok, tp=tp, seed=seed, external_launcher=d.world_size > 1, dp=dp,
                          is_vl=processor is not None)
     else:
         gen = HFEngine(load_model(model, dtype=dtype, device=d.device).eval(), processor, tok, batch_size)

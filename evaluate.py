@@ -22,7 +22,6 @@ import time
 from collections import Counter, defaultdict
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from common import checkpoint, cli, dist, grading, prompts
@@ -275,7 +274,7 @@ def main(
     # Model
     if engine == "vllm":
         gen = VLLMEngine(resolve(model), tokenizer, tp=tp, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                         external_launcher=d.world_size > 1, is_vl=processor is not None)
+                         external_launcher=d.world_size > 1, dp=dp, is_vl=processor is not None)
     else:
         net = load_model(model, dtype=dtype, device=d.device, attn=attn, trust_remote_code=trust_remote_code).eval()
         gen = HFEngine(net, processor, tokenizer, batch_size=batch_size)
@@ -390,7 +389,7 @@ def compare(a: str, b: str, n_boot: int = 2000, seed: int = 0):
     avg_boots = np.mean([[d[rng.integers(0, len(d), len(d))].mean() for d in diffs_by_bench.values()]
                          for _ in range(n_boot)], axis=1)
     avg = np.mean([d.mean() for d in diffs_by_bench.values()])
-    print(f"| benchmark | n | A | B | B-A | 95% CI | P(B-A<=0) |\n|---|---|---|---|---|---|---|")
+    print("| benchmark | n | A | B | B-A | 95% CI | P(B-A<=0) |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:+.2f} | [{r[5]:+.2f}, {r[6]:+.2f}] | {r[7]:.3f} |")
     lo, hi = np.percentile(avg_boots, [2.5, 97.5])

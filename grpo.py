@@ -25,6 +25,7 @@ resumed run samples the same responses.
 """
 
 import importlib
+import importlib.util
 import inspect
 import math
 import os
@@ -370,7 +371,10 @@ def main(
         mine = order[k * train_batch : (k + 1) * train_batch][d.rank * local_prompts : (d.rank + 1) * local_prompts]
         eps = []
         for i in mine:
-            item = parse_row(rows[i], root)
+            try:
+                item = parse_row(rows[i], root)
+            except RowError as e:  # data_prep.py validates images; a file broken since then stops the run here
+                raise SystemExit(f"row {i} of {src}: {e}") from None
             if item.images and processor is None:
                 raise SystemExit(f"row {i} has images but {model} is a text-only model")
             text = prompts.render(owner, prompts.messages(item.question, item.options, len(item.images),
@@ -406,7 +410,8 @@ def main(
     if engine == "vllm":
         llm = VLLMEngine(resolve(model), tokenizer, tp=tp, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                          max_model_len=max_prompt_length + max_new_tokens, sleep=True,
-                         external_launcher=d.world_size > 1, dummy_weights=True, is_vl=processor is not None)
+                         external_launcher=d.world_size > 1, dp=d.world_size // tp, dummy_weights=True,
+                         is_vl=processor is not None)
         sync_vllm(net, llm)
     else:
         llm = HFEngine(net, processor, tokenizer, batch_size=rollout_batch, synced=d.world_size > 1)
@@ -643,16 +648,20 @@ def rollout_vllm(llm, eps, kw, tp, d) -> list:
     group generates its ranks' prompts together (the data order is known everywhere: no communication needed
     beyond the gather of prompts)."""
     llm.wake_up(tags=["kv_cache"])
-    group = d.rank // tp
-    peers = list(range(group * tp, (group + 1) * tp))
-    everyone = dist.all_gather_objects([(ep.prompt.text, ep.prompt.images, s) for ep, s in zip(eps, kw["seeds"])])
-    mine = [x for r in peers for x in everyone[r]]
-    outs = llm.generate([Prompt(t, im) for t, im, _ in mine], **{**kw, "seeds": [s for _, _, s in mine]},
-                        logprobs=True)
+    if tp == 1:
+        outs = llm.generate([ep.prompt for ep in eps], **kw, logprobs=True)
+    else:
+        group = d.rank // tp
+        peers = list(range(group * tp, (group + 1) * tp))
+        everyone = dist.all_gather_objects([(ep.prompt.text, ep.prompt.images, s) for ep, s in zip(eps, kw["seeds"])])
+        mine = [x for r in peers for x in everyone[r]]
+        outs = llm.generate([Prompt(t, im) for t, im, _ in mine], **{**kw, "seeds": [s for _, _, s in mine]},
+                            logprobs=True)
+        start = sum(len(everyone[r]) for r in peers if r < d.rank)
+        outs = outs[start : start + len(eps)]
     llm.llm.reset_mm_cache()  # the colocated multimodal encoder cache is never evicted otherwise
     llm.sleep()
-    start = sum(len(everyone[r]) for r in peers if r < d.rank)
-    return outs[start : start + len(eps)]
+    return outs
 
 
 if __name__ == "__main__":

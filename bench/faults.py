@@ -251,7 +251,6 @@ def fuzz_corpus(folder: str) -> tuple[str, int, int]:
     os.makedirs(img("adir.png"), exist_ok=True)
     good = {"question": "Which colour?", "options": {"A": "Red", "B": "Blue"}, "answer_label": "A", "answer": "Red",
             "dataset_name": "fuzz", "images": ["img/ok.png"]}
-    opt = good["options"]
     bad = [
         {k: v for k, v in good.items() if k != "question"}, {k: v for k, v in good.items() if k != "options"},
         {k: v for k, v in good.items() if k != "answer_label"}, {k: v for k, v in good.items() if k != "answer"},
@@ -381,7 +380,7 @@ def main():
     rw = reward_trials()
     rows.append(("adversarial completions score 0", f"{rw['zero']}/{rw['adversarial']}", rw["zero"] == rw["adversarial"]))
     rows.append(("1 MB completions graded (linear time)", f"max {rw['max_ms_1mb']:.0f} ms", rw["max_ms_1mb"] < 2000))
-    print(f"\n| trial | result | pass |\n|---|---|---|")
+    print("\n| trial | result | pass |\n|---|---|---|")
     for name, result, ok in rows:
         print(f"| {name} | {result} | {'100 %' if ok else 'FAIL'} |")
     sys.exit(0 if all(ok for _, _, ok in rows) else 1)

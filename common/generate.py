@@ -207,7 +207,7 @@ class VLLMEngine:
 
     def __init__(self, model: str, tokenizer, tp: int = 1, seed: int = 0, gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, sleep: bool = False, external_launcher: bool = False,
-                 dummy_weights: bool = False, max_images: int = 8, is_vl: bool = True):
+                 dp: int = 1, dummy_weights: bool = False, max_images: int = 8, is_vl: bool = True):
         from vllm import LLM
 
         kw = dict(model=model, tensor_parallel_size=tp, seed=seed, dtype="bfloat16", enable_sleep_mode=sleep,
@@ -215,8 +215,10 @@ class VLLMEngine:
                   logprobs_mode="processed_logprobs", load_format="dummy" if dummy_weights else "auto")
         if is_vl:
             kw["limit_mm_per_prompt"] = {"image": max_images, "video": 0}
-        if external_launcher:
+        if external_launcher:  # one engine per torchrun rank; each data-parallel group filters its own prompts
             kw["distributed_executor_backend"] = "external_launcher"
+            if dp > 1:
+                kw["data_parallel_size"] = dp
         self.llm = LLM(**kw)
         self.banned = banned_token_ids(tokenizer) if is_vl else []
 
