@@ -219,8 +219,7 @@ def micro_loss(net, episodes: list, old_lp: list | None, ref_lp: list | None, no
 
 
 def pack_groups(net, episodes: list, share_prefix: bool) -> forward.Packed:
-    """Groups as segments. With sdpa each group gets its own (right-padded) row: a masked row costs attention
-    quadratic in its length, so one long packed row would waste more than the padding; flash-attention packs."""
+    """Groups as segments of one padding-free row (prompt once, responses as branches)."""
     segs = []
     for ep in episodes:
         base = ep.prompt.segment
@@ -229,8 +228,7 @@ def pack_groups(net, episodes: list, share_prefix: bool) -> forward.Packed:
             segs.append(forward.Segment(base.ids, base.pixel_values, base.image_grid_thw, branches=branches))
         else:  # flash-attention cannot express branches: repeat the prompt per response
             segs += [forward.Segment(base.ids, base.pixel_values, base.image_grid_thw, branches=[b]) for b in branches]
-    flash = net.config._attn_implementation == "flash_attention_2"
-    return forward.pack(segs, net, rows="packed" if flash else "padded")
+    return forward.pack(segs, net)
 
 
 def split_by_response(packed: forward.Packed, lp, ent) -> list:
@@ -400,7 +398,7 @@ def main(
     ref = sharded(ref_model or model, ref_offload, False, False).eval() if kl_coef != 0 else None
     if ref is not None:
         ref.requires_grad_(False)
-    if net.config._attn_implementation == "flash_attention_2" and share_prefix:
+    if forward.parts(net)[0].config._attn_implementation == "flash_attention_2" and share_prefix:
         share_prefix = False  # branches need a mask flash-attention cannot take
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), eps=1e-8, weight_decay=weight_decay)  # as verl: all

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from common import attention
+
 
 @dataclass
 class Segment:
@@ -46,6 +48,7 @@ class Packed:
     pred_pos: torch.Tensor  # (M,) flat index (into B*L) of the position whose logits predict each target
     tgt_ids: torch.Tensor  # (M,) target token ids
     spans: list  # per segment: [prompt-target (start, end)] + [branch k (start, end)] ranges into M
+    layout: list  # per row: [(start, prompt length, [(branch start, branch end), ...])] for padding-free sdpa
 
     def to(self, device):
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -117,8 +120,12 @@ def pack(segments: list[Segment], model, rows: str = "packed") -> Packed:
     doc = torch.full((B, L), -1, dtype=torch.long)
     branch = torch.zeros(B, L, dtype=torch.long)
     m = 0
+    layout = [[] for _ in range(B)]
     for s_i, ((r, c), (ids, tp, p3, br, pred, tgt, seg_spans)) in enumerate(zip(starts, seqs)):
         n = len(ids)
+        plen = len(segments[s_i].ids)
+        ends = [c + plen + sum(len(x) for x in segments[s_i].branches[: k + 1]) for k in range(len(segments[s_i].branches))]
+        layout[r].append((c, plen, [(e - len(b), e) for e, b in zip(ends, segments[s_i].branches)]))
         input_ids[r, c : c + n], text_pos[r, c : c + n], branch[r, c : c + n] = ids, tp, br
         doc[r, c : c + n] = s_i
         if vl:
@@ -133,7 +140,7 @@ def pack(segments: list[Segment], model, rows: str = "packed") -> Packed:
     position_ids = torch.cat([text_pos[None], pos3], dim=0) if vl else text_pos
     return Packed(input_ids, position_ids, doc, branch,
                   torch.cat(pixel) if pixel else None, torch.cat(grids) if grids else None,
-                  torch.cat(tgt_pos), torch.cat(tgt_ids), spans)
+                  torch.cat(tgt_pos), torch.cat(tgt_ids), spans, layout)
 
 
 def attention_mask(doc: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
@@ -191,16 +198,19 @@ def hidden_states(model, packed: Packed) -> torch.Tensor:
     """(B, L, H) last hidden states of a packed or padded batch (no cache)."""
     text, _, _ = parts(model)
     embeds = embed(model, packed.input_ids, packed.pixel_values, packed.image_grid_thw)
-    impl = model.config._attn_implementation
+    impl = text.config._attn_implementation
+    extra = {}
     if impl == "flash_attention_2":  # varlen boundaries come from positions restarting at 0
         mask = None
+    elif impl == attention.NAME:  # segment by segment inside the attention function; a stub mask skips the L x L one
+        mask, extra = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=embeds.device), {"mvl_layout": packed.layout}
     else:
         mask = attention_mask(packed.doc, packed.branch)
         if impl == "eager":
             mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
                 ~mask, torch.finfo(embeds.dtype).min)
-    return text(inputs_embeds=embeds, attention_mask=mask, position_ids=packed.position_ids,
-                use_cache=False).last_hidden_state
+    return text(inputs_embeds=embeds, attention_mask=mask, position_ids=packed.position_ids, use_cache=False,
+                **extra).last_hidden_state
 
 
 def _logp_chunk(h, w, tgt, temperature: float):
@@ -243,7 +253,12 @@ FORWARD_METHODS = ("mvl_logprobs", "mvl_decode")
 
 
 def attach(model):
-    """Give the model our two entry points as methods (so FSDP can register them as forward methods)."""
+    """Give the model our two entry points as methods (so FSDP can register them as forward methods), and switch
+    the language model's sdpa attention to the padding-free variant (common/attention.py)."""
+    text = parts(model)[0]
+    if text.config._attn_implementation == "sdpa":
+        attention.register()
+        text.config._attn_implementation = attention.NAME
     model.mvl_logprobs = types.MethodType(_token_logprobs, model)
     model.mvl_decode = types.MethodType(_decode_step, model)
     return model

@@ -81,3 +81,20 @@ def test_text_only_batch_still_runs_vision_tower(tiny_vl):
     lp.sum().backward()
     grads = [p.grad for p in model.model.visual.parameters()]
     assert all(g is not None for g in grads) and all(float(g.abs().sum()) == 0 for g in grads)
+
+
+def test_padding_free_sdpa_matches_dense_mask(tiny_vl):
+    """The mvl_sdpa attention (segment by segment, no L x L mask) equals transformers' sdpa with our dense mask."""
+    from common import attention
+
+    model, shared, flat = _segments(tiny_vl, True)
+    text = fw.parts(model)[0]
+    assert text.config._attn_implementation == attention.NAME
+    with torch.no_grad():
+        a, _ = model.mvl_logprobs(fw.pack(shared, model))
+        text.config._attn_implementation = "sdpa"  # the dense-mask path
+        try:
+            b, _ = model.mvl_logprobs(fw.pack(shared, model))
+        finally:
+            text.config._attn_implementation = attention.NAME
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
