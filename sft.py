@@ -22,8 +22,9 @@ import random
 import time
 
 import torch
+from tqdm import tqdm
 
-from common import checkpoint, cli, dist, forward, fsdp
+from common import checkpoint, cli, dist, forward, fsdp, prompts
 from common.data import RowError, data_root, load_rows, parse_row, write_json
 from common.faults import crash_point, poison
 from common.generate import encode_sft
@@ -90,7 +91,7 @@ def main(
     # Data
     data: str = "text",  # text (m23k) | image (PMC-VQA + GPT-4o CoT) | mixed | comma-separated folders/hub ids
     split: str = "train",
-    max_length: int = 32768,  # longer conversations are skipped (counted); recipe block_size 32768
+    max_length: int = 32768,  # longer conversations are skipped and counted; recipe block_size 32768
     packing: bool = True,  # padding-free rows (False = padded reference mode)
     # Optimization (recipe §5.1)
     lr: float = 1e-5,
@@ -138,13 +139,19 @@ def main(
     index, skipped = [], {}
     for t, (src, ds) in enumerate(tables):
         cols = [c for c in ds.column_names if c != "images"]
-        for i, row in enumerate(ds.select_columns(cols)):
+        for i, row in enumerate(tqdm(ds.select_columns(cols), desc=f"check {src}", unit="row", disable=not d.is_main,
+                                     dynamic_ncols=True)):
             try:
                 item = parse_row(row, need_images=False)
                 if not (item.reasoning or "").strip():
                     raise RowError("no reasoning trace")
                 if processor is None and "images" in ds.column_names and ds[i]["images"]:
                     raise RowError("has images but the model is text-only")
+                # length: the prompt's (data_prep counted image tokens too) + the target's
+                n = row.get("prompt_tokens") or len(tokenizer(prompts.user_text(item.question, item.options))["input_ids"])
+                n += len(tokenizer(prompts.sft_target(item.reasoning, item.answer_label))["input_ids"])
+                if n > max_length:
+                    raise RowError(f"longer than max_length ({n} > {max_length} tokens)")
                 index.append((t, i))
             except RowError as e:
                 key = str(e).split(":")[0][:60]
@@ -159,7 +166,10 @@ def main(
     def sample(k):
         t, i = index[k]
         src, ds = tables[t]
-        item = parse_row(ds[i], data_root(src))
+        try:
+            item = parse_row(ds[i], data_root(src))
+        except RowError as e:  # text fields were checked up front; an image that broke since then stops the run
+            raise SystemExit(f"row {i} of {src}: {e}") from None
         return encode_sft(processor, tokenizer, item)
 
     # Model: meta -> shard -> rank 0 reads the weights and broadcasts -> optimizer

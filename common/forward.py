@@ -71,76 +71,63 @@ def rope_index(model, ids: torch.Tensor, grid: torch.Tensor | None) -> torch.Ten
 def pack(segments: list[Segment], model, rows: str = "packed") -> Packed:
     """Lay segments out as one packed row (rows='packed') or one right-padded row each (rows='padded')."""
     vl = is_vl(model)
-    seqs = []  # per segment: (ids, pos_text, pos3, branch_ids, doc)
-    tgt_pos, tgt_ids, spans = [], [], []
+    laid = []  # per segment: ids, text positions, mRoPE positions, branch ids, predictor positions, targets, spans
     pixel, grids = [], []
-    for s_i, seg in enumerate(segments):
+    for seg in segments:
         P = len(seg.ids)
         pos3 = rope_index(model, seg.ids, seg.image_grid_thw) if vl else None
-        parts_ids, parts_text, parts_3, parts_br = [seg.ids], [torch.arange(P)], [pos3], [torch.zeros(P, dtype=torch.long)]
-        seg_spans = []
-        # prompt targets: token t is predicted by position t-1
-        local_pred, local_tgt = [], []
-        if seg.target_mask is not None:
+        ids, text_pos, rope, branch = [seg.ids], [torch.arange(P)], [pos3], [torch.zeros(P, dtype=torch.long)]
+        pred, tgt, counts, offsets = [], [], [], []
+        if seg.target_mask is not None:  # prompt targets: token t is predicted by position t - 1
             idx = torch.nonzero(seg.target_mask[1:], as_tuple=True)[0] + 1
-            local_pred.append(idx - 1)
-            local_tgt.append(seg.ids[idx])
-        seg_spans.append(sum(len(x) for x in local_tgt))
-        offset = P
-        top = int(pos3.max()) + 1 if vl else P
-        for b_i, resp in enumerate(seg.branches, start=1):
+            pred.append(idx - 1)
+            tgt.append(seg.ids[idx])
+        counts.append(sum(len(x) for x in tgt))
+        offset, top = P, (int(pos3.max()) + 1 if vl else P)
+        for b_i, resp in enumerate(seg.branches, start=1):  # a branch continues the prompt's positions
             R = len(resp)
-            parts_ids.append(resp)
-            parts_text.append(torch.arange(P, P + R))
+            ids.append(resp)
+            text_pos.append(torch.arange(P, P + R))
             if vl:
-                parts_3.append(torch.arange(top, top + R).expand(3, -1))
-            parts_br.append(torch.full((R,), b_i, dtype=torch.long))
-            # first response token is predicted by the prompt's last position, then by its own predecessor
-            local_pred.append(torch.cat([torch.tensor([P - 1]), torch.arange(offset, offset + R - 1)]))
-            local_tgt.append(resp)
-            seg_spans.append(R)
+                rope.append(torch.arange(top, top + R).expand(3, -1))
+            branch.append(torch.full((R,), b_i, dtype=torch.long))
+            # its first token is predicted by the prompt's last position, the rest by their predecessors
+            pred.append(torch.cat([torch.tensor([P - 1]), torch.arange(offset, offset + R - 1)]))
+            tgt.append(resp)
+            counts.append(R)
+            offsets.append((offset, offset + R))
             offset += R
-        ids = torch.cat(parts_ids)
-        seqs.append((ids, torch.cat(parts_text), torch.cat(parts_3, dim=1) if vl else None, torch.cat(parts_br),
-                     torch.cat(local_pred) if local_pred else torch.zeros(0, dtype=torch.long),
-                     torch.cat(local_tgt) if local_tgt else torch.zeros(0, dtype=torch.long), seg_spans))
+        empty = torch.zeros(0, dtype=torch.long)
+        laid.append((torch.cat(ids), torch.cat(text_pos), torch.cat(rope, dim=1) if vl else None, torch.cat(branch),
+                     torch.cat(pred) if pred else empty, torch.cat(tgt) if tgt else empty, counts, P, offsets))
         if seg.pixel_values is not None:
             pixel.append(seg.pixel_values)
             grids.append(seg.image_grid_thw)
 
+    lengths = [len(x[0]) for x in laid]
     if rows == "packed":
-        B, L = 1, sum(len(s[0]) for s in seqs)
-        starts = [(0, sum(len(s[0]) for s in seqs[:i])) for i in range(len(seqs))]
+        B, L = 1, sum(lengths)
+        starts = [(0, sum(lengths[:i])) for i in range(len(laid))]
     else:
-        B, L = len(seqs), max(len(s[0]) for s in seqs)
-        starts = [(i, 0) for i in range(len(seqs))]
-    input_ids = torch.zeros(B, L, dtype=torch.long)
-    text_pos = torch.zeros(B, L, dtype=torch.long)
+        B, L = len(laid), max(lengths)
+        starts = [(i, 0) for i in range(len(laid))]
+    input_ids, text_pos = torch.zeros(B, L, dtype=torch.long), torch.zeros(B, L, dtype=torch.long)
     pos3 = torch.zeros(3, B, L, dtype=torch.long) if vl else None
-    doc = torch.full((B, L), -1, dtype=torch.long)
-    branch = torch.zeros(B, L, dtype=torch.long)
-    m = 0
-    layout = [[] for _ in range(B)]
-    for s_i, ((r, c), (ids, tp, p3, br, pred, tgt, seg_spans)) in enumerate(zip(starts, seqs)):
+    doc, branch = torch.full((B, L), -1, dtype=torch.long), torch.zeros(B, L, dtype=torch.long)
+    tgt_pos, tgt_ids, spans, layout, m = [], [], [], [[] for _ in range(B)], 0
+    for s_i, ((r, c), (ids, tp, p3, br, pred, tgt, counts, P, offsets)) in enumerate(zip(starts, laid)):
         n = len(ids)
-        plen = len(segments[s_i].ids)
-        ends = [c + plen + sum(len(x) for x in segments[s_i].branches[: k + 1]) for k in range(len(segments[s_i].branches))]
-        layout[r].append((c, plen, [(e - len(b), e) for e, b in zip(ends, segments[s_i].branches)]))
-        input_ids[r, c : c + n], text_pos[r, c : c + n], branch[r, c : c + n] = ids, tp, br
-        doc[r, c : c + n] = s_i
+        input_ids[r, c : c + n], text_pos[r, c : c + n], branch[r, c : c + n], doc[r, c : c + n] = ids, tp, br, s_i
         if vl:
             pos3[:, r, c : c + n] = p3
+        layout[r].append((c, P, [(c + a, c + b) for a, b in offsets]))
         tgt_pos.append(pred + r * L + c)
         tgt_ids.append(tgt)
-        ranges = []
-        for length in seg_spans:
-            ranges.append((m, m + length))
-            m += length
-        spans.append(ranges)
+        spans.append([(m + sum(counts[:k]), m + sum(counts[: k + 1])) for k in range(len(counts))])
+        m += sum(counts)
     position_ids = torch.cat([text_pos[None], pos3], dim=0) if vl else text_pos
-    return Packed(input_ids, position_ids, doc, branch,
-                  torch.cat(pixel) if pixel else None, torch.cat(grids) if grids else None,
-                  torch.cat(tgt_pos), torch.cat(tgt_ids), spans, layout)
+    return Packed(input_ids, position_ids, doc, branch, torch.cat(pixel) if pixel else None,
+                  torch.cat(grids) if grids else None, torch.cat(tgt_pos), torch.cat(tgt_ids), spans, layout)
 
 
 def attention_mask(doc: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
@@ -174,11 +161,12 @@ def _vision(visual, pixel_values, grid):
     return out.pooler_output if hasattr(out, "pooler_output") else out  # transformers >= 5.18 returns an output object
 
 
-def embed(model, input_ids, pixel_values=None, image_grid_thw=None):
-    """Token embeddings with image features scattered into the <|image_pad|> slots (or a zero-weighted dummy pass)."""
+def embed(model, input_ids, pixel_values=None, image_grid_thw=None, vision: bool = True):
+    """Token embeddings with image features scattered into the <|image_pad|> slots, or a zero-weighted dummy pass
+    of the vision tower when there are no images (vision=False skips the tower: decoding steps on every rank)."""
     text, visual, _ = parts(model)
     embeds = text.embed_tokens(input_ids)
-    if visual is None:
+    if visual is None or not vision:
         return embeds
     if pixel_values is not None:
         feats = _vision(visual, pixel_values, image_grid_thw)
@@ -240,10 +228,12 @@ def _token_logprobs(self, packed: Packed, temperature: float = 1.0, chunk: int =
     return torch.cat(out_lp), torch.cat(out_ent)
 
 
-def _decode_step(self, input_ids, position_ids, attn_2d, cache, pixel_values=None, image_grid_thw=None):
-    """One KV-cache step: (B, V) fp32 logits of the last position, and the updated cache."""
+def _decode_step(self, input_ids, position_ids, attn_2d, cache, pixel_values=None, image_grid_thw=None,
+                 prefill: bool = False):
+    """One KV-cache step: (B, V) fp32 logits of the last position, and the updated cache. The vision tower runs on
+    prefill calls only (every rank makes the same calls, so collectives stay in step)."""
     text, _, lm_head = parts(self)
-    embeds = embed(self, input_ids, pixel_values, image_grid_thw)
+    embeds = embed(self, input_ids, pixel_values, image_grid_thw, vision=prefill)
     out = text(inputs_embeds=embeds, attention_mask=attn_2d, position_ids=position_ids, past_key_values=cache,
                use_cache=True)
     return lm_head(out.last_hidden_state[:, -1]).float(), out.past_key_values

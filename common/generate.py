@@ -152,10 +152,11 @@ class HFEngine:
         grid = [s.image_grid_thw for s in segs if s.image_grid_thw is not None]
         logits, cache = model.mvl_decode(ids.to(device), pos.to(device), attn.to(device), DynamicCache(),
                                          torch.cat(pix).to(device) if pix else None,
-                                         torch.cat(grid).to(device) if grid else None)
+                                         torch.cat(grid).to(device) if grid else None, prefill=True)
         # one prefill per prompt, then n copies of its cache
         cache.batch_repeat_interleave(n)
-        logits, attn, next_pos = logits.repeat_interleave(n, 0), attn.repeat_interleave(n, 0), next_pos.repeat_interleave(n)
+        logits, attn = logits.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
+        next_pos = next_pos.repeat_interleave(n)
         rows = [(i, j) for i in range(B) for j in range(n)]
         gens = [torch.Generator().manual_seed(row_seed(seeds[i], j)) for i, j in rows]
         tokens, finish = [[] for _ in rows], ["length"] * len(rows)
