@@ -879,6 +879,8 @@ def decontaminate(
             write_json(os.path.join(tmp, "manifest.json"), {**report, "rows_out": len(tr) - len(bad)})
 
 
+COMMANDS = {"sample": sample, "eval": eval_set, "text": text, "pmc_vqa": pmc_vqa, "passrate": passrate,
+            "filter": filter_set, "sft": sft, "decontaminate": decontaminate}
+
 if __name__ == "__main__":
-    cli.run({"sample": sample, "eval": eval_set, "text": text, "pmc_vqa": pmc_vqa, "passrate": passrate,
-             "filter": filter_set, "sft": sft, "decontaminate": decontaminate})
+    cli.run(COMMANDS)

@@ -396,5 +396,7 @@ def compare(a: str, b: str, n_boot: int = 2000, seed: int = 0):
     print(f"| Avg. | {len(common)} | | | {avg:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {float(np.mean(avg_boots <= 0)):.3f} |")
 
 
+COMMANDS = {"": main, "regrade": regrade, "compare": compare}
+
 if __name__ == "__main__":
-    cli.run({"": main, "regrade": regrade, "compare": compare})
+    cli.run(COMMANDS)

@@ -2,7 +2,9 @@
 #   NNODES=4 NODE_RANK=0 MASTER_ADDR=host0 bash run/grpo_32b.sh     # multi-node (32B GRPO uses 4 nodes upstream)
 NGPU=${NGPU:-8}
 NNODES=${NNODES:-1}
-if [[ $NNODES == 1 ]]; then
+if [[ -n ${DRY_RUN:-} ]]; then   # DRY_RUN=1: print the command instead of running it (tests check every flag)
+  LAUNCH=(echo)
+elif [[ $NNODES == 1 ]]; then
   LAUNCH=(torchrun --standalone --nproc_per_node "$NGPU")
 else
   LAUNCH=(torchrun --nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK}" --nproc_per_node "$NGPU"

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 NGPU=${NGPU:-8}
 STAGE=${STAGE:-all}
 PASS_MODEL=${PASS_MODEL:-3b}
-run() { echo "+ $*"; "$@"; }
+run() { echo "+ $*"; [[ -n ${DRY_RUN:-} ]] || "$@"; }   # DRY_RUN=1 only prints the commands
 
 if [[ $STAGE == all || $STAGE == eval ]]; then
   run python data_prep.py eval --out data/eval                                # UCSC-VLAA/MedVLThinker-Eval, 8,220 rows
@@ -30,5 +30,5 @@ fi
 if [[ $STAGE == all || $STAGE == sft ]]; then
   # SFT(PMC) traces: the released GPT-4o CoT set (rows with a trace only)
   run python data_prep.py sft --data UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized --out data/pmc_vqa_sft
-  run python data_prep.py decontaminate --train data/m23k --eval data/eval     # report only
+  run python data_prep.py decontaminate --train data/m23k --eval_data data/eval   # report only
 fi
