@@ -697,15 +697,17 @@ def passrate(
     else:
         gen = HFEngine(load_model(model, dtype=dtype, device=d.device).eval(), processor, tok, batch_size)
     owner = processor if processor is not None else tok
-    todo = []
+    todo, skipped = [], 0
     for i in range(lo, hi):
         try:
             item = parse_row(rows[i], data)
         except RowError as e:
             print(f"row {i}: {e}; skipped", flush=True)
+            skipped += 1
             continue
         if item.dataset_index not in done:
             todo.append(item)
+    t0 = time.time()
     bar = tqdm(total=len(todo), desc="passrate", unit="item", disable=not d.is_main, dynamic_ncols=True)
     with open(shard, "a") as f:
         for b in range(0, len(todo), batch_size):
@@ -720,9 +722,10 @@ def passrate(
             f.flush()
             bar.update(len(batch))
     bar.close()
-    dist.barrier()
+    rate = dist.all_reduce_sum(len(todo)) / max(1e-9, time.time() - t0)  # items/s over all ranks
+    skipped = dist.all_reduce_sum(skipped)
     if d.is_main:
-        merged = {}
+        merged, unreadable = {}, 0
         for name in sorted(os.listdir(out)):
             if name.startswith("counts") and name.endswith(".jsonl"):
                 with open(os.path.join(out, name)) as f:
@@ -731,7 +734,7 @@ def passrate(
                             r = json.loads(line)
                             merged[r["dataset_index"]] = r
                         except (json.JSONDecodeError, KeyError):
-                            pass
+                            unreadable += 1  # a torn line from a killed run: that item was generated again
         with open(os.path.join(out, "counts.jsonl.tmp"), "w") as f:
             f.writelines(json.dumps(merged[k]) + "\n" for k in sorted(merged))
         os.replace(os.path.join(out, "counts.jsonl.tmp"), os.path.join(out, "counts.jsonl"))
@@ -740,8 +743,11 @@ def passrate(
                 os.remove(os.path.join(out, name))
         hist = Counter(r["num_correct"] for r in merged.values())
         write_json(os.path.join(out, "manifest.json"), {"data": data, "model": model, "n": samples, "grader": grader,
-                                                        "items": len(merged), "histogram": dict(sorted(hist.items()))})
-        print(f"pass counts for {len(merged)} items -> {out}/counts.jsonl; histogram {dict(sorted(hist.items()))}")
+                                                        "items": len(merged), "skipped_rows": skipped,
+                                                        "unreadable_lines": unreadable, "items_per_s": round(rate, 3),
+                                                        "histogram": dict(sorted(hist.items()))})
+        print(f"pass counts for {len(merged)} items ({rate:.2f} items/s, {skipped} unusable rows skipped) -> "
+              f"{out}/counts.jsonl; histogram {dict(sorted(hist.items()))}")
     dist.cleanup()
 
 

@@ -160,6 +160,8 @@ def test_passrate_filter_order(tmp_path, tiny_text, sample_data):
     run_py(*args)
     counts = [json.loads(x) for x in open(pr / "counts.jsonl")]
     assert [c["dataset_index"] for c in counts] == idx[:6] and all(0 <= c["num_correct"] <= 4 for c in counts)
+    m = manifest(pr)
+    assert m["items"] == 6 and m["skipped_rows"] == 0 and m["unreadable_lines"] == 0 and m["items_per_s"] > 0
     before = (pr / "counts.jsonl").read_text()
     run_py(*args)  # resumable: a second run finds everything done and changes nothing
     assert (pr / "counts.jsonl").read_text() == before
