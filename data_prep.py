@@ -723,7 +723,7 @@ def passrate(
             bar.update(len(batch))
     bar.close()
     rate = dist.all_reduce_sum(len(todo)) / max(1e-9, time.time() - t0)  # items/s over all ranks
-    skipped = dist.all_reduce_sum(skipped)
+    skipped = int(dist.all_reduce_sum(skipped))
     if d.is_main:
         merged, unreadable = {}, 0
         for name in sorted(os.listdir(out)):
