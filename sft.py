@@ -161,6 +161,9 @@ def main(
     steps_per_epoch = len(index) // global_batch
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(index)} usable rows cannot fill one global batch of {global_batch}")
+    if len(index) % global_batch:
+        dist.print0(f"{len(index) % global_batch} of {len(index)} rows left out each epoch (not a whole global batch; "
+                    f"a different random few each epoch)")
     total = epochs * steps_per_epoch if max_steps < 0 else min(max_steps, epochs * steps_per_epoch)
 
     def sample(k):
