@@ -37,7 +37,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from common import cli, dist, grading, prompts
-from common.data import (RowError, atomic_dir, bound_image, data_root, features, load_rows, parse_row, repair_tail, to_row, write_json)
+from common.data import (RowError, atomic_dir, bound_image, data_root, features, load_rows, parse_row, repair_tail, to_row,
+                         write_json)
 from common.sample_facts import FACTS
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -532,7 +533,7 @@ def sample(
 def eval_set(
     out: str = "data/eval",  # output folder
     source: str = "UCSC-VLAA/MedVLThinker-Eval",  # unified eval set (hub id or local copy); used when no raw flag is set
-    split: str = "test",
+    split: str = "test",  # split of a hub dataset
     vqa_rad: str = "",  # raw VQA-RAD folder (OSF release layout)
     slake: str = "",  # raw SLAKE folder (test.json + imgs/)
     pathvqa: str = "",  # PathVQA parquet (image, question, answer)
@@ -590,7 +591,7 @@ def _write_parts(parts, out, flags, source, bound, tokenizer, max_prompt_length,
 def text(
     out: str = "data/text",  # output folder
     source: str = "",  # unified text set, e.g. UCSC-VLAA/MedVLThinker-m23k-tokenized (hub or local); '' = raw files
-    split: str = "train",
+    split: str = "train",  # split of a hub dataset
     medqa: str = "",  # MedQA-USMLE jsonl (jind11/medagents layout)
     medmcqa: str = "",  # MedMCQA jsonl (medagents layout)
     headqa: str = "",  # HEAD-QA English json
@@ -628,9 +629,9 @@ def pmc_vqa(
     csv_path: str = "",  # PMC-VQA train.csv ('' = use --source)
     images: str = "",  # folder the csv's Figure_path values are relative to
     source: str = "UCSC-VLAA/MedVLThinker-pmc_vqa",  # the converted hub copy, used when --csv_path is empty
-    split: str = "train",
+    split: str = "train",  # split of a hub dataset
     tokenizer: str = "",  # count prompt tokens with this model's processor ('' = skip)
-    max_prompt_length: int = 2048,
+    max_prompt_length: int = 2048,  # recipe: prompts over 2048 tokens cannot be trained on
     num_proc: int = 0,  # worker processes (0 = up to 4 for large inputs)
 ):
     """PMC-VQA training set with the upstream cleaning rules (RECIPE §1.4) and image bounds (§1.6)."""
@@ -656,13 +657,13 @@ def passrate(
     model: str = "3b",  # the base model whose pass counts pick the data (recipe: the 3B for every size)
     engine: str = "hf",  # hf | vllm
     samples: int = 16,  # samples per item (the recipe's n)
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 4096,
-    seed: int = 42,
+    temperature: float = 1.0,  # recipe: 1.0
+    top_p: float = 1.0,  # recipe: 1.0
+    max_new_tokens: int = 4096,  # recipe: 4096
+    seed: int = 42,  # sampling seeds derive from it and each dataset_index (recipe 42)
     batch_size: int = 16,  # prompts per generate call
     grader: str = "inference",  # inference = upstream's (first <answer>, no format check) | strict = the RL reward
-    dtype: str = "bf16",
+    dtype: str = "bf16",  # bf16 | fp16 | fp32
     tp: int = 1,  # vllm tensor parallel
     limit: int = -1,  # first N items only (-1 = all)
     out: str = "data/passrate",  # folder: counts.jsonl (+ per-rank shards while running)
@@ -682,7 +683,8 @@ def passrate(
     shard = os.path.join(out, f"counts.rank{d.rank}.jsonl")
     repair_tail(shard)
     done = set()
-    for path in [os.path.join(out, "counts.jsonl")] + [os.path.join(out, f) for f in os.listdir(out) if f.startswith("counts.rank")]:
+    shards = [os.path.join(out, f) for f in os.listdir(out) if f.startswith("counts.rank")]
+    for path in [os.path.join(out, "counts.jsonl"), *shards]:
         if os.path.exists(path):
             with open(path) as f:
                 for line in f:
@@ -756,7 +758,7 @@ def filter_set(
     passrate: str = "data/passrate",  # folder (or counts.jsonl) from the passrate command
     out: str = "data/text_e2h",  # output folder
     min_pass: int = 1,  # keep min_pass <= pass_count <= max_pass (recipe: 1..7 of 16)
-    max_pass: int = 7,
+    max_pass: int = 7,  # recipe: 7 (at most 7 of 16 right)
     order: str = "easy_to_hard",  # easy_to_hard | hard_to_easy | shuffle (after the seeded shuffle)
     seed: int = 42,  # the shuffle before the stable sort
 ):

@@ -213,8 +213,8 @@ def main(
     runs: int = 3,  # repeated runs, reported as mean +- std
     samples: int = 1,  # samples per item and run (pass@k, majority@k when > 1); the recipe's n
     temperature: float = 0.0,  # 0 = greedy
-    top_p: float = 1.0,
-    max_new_tokens: int = 4096,
+    top_p: float = 1.0,  # nucleus sampling when temperature > 0
+    max_new_tokens: int = 4096,  # recipe: 4096
     seed: int = 42,  # sampling seeds derive from (seed, run, benchmark, index)
     batch_size: int = 32,  # prompts per generate call
     # Output
@@ -352,7 +352,10 @@ def hash_key(name: str, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{name}\x00{index}".encode()).digest()[:8], "little")
 
 
-def regrade(folder: str, n_boot: int = 1000):
+def regrade(
+    folder: str,  # a result folder of this script (items*.jsonl are read, everything else rewritten)
+    n_boot: int = 1000,  # bootstrap resamples for the confidence intervals
+):
     """Recompute verdicts, tables and charts from the saved responses (no model)."""
     records = read_records(folder)
     if not records:
@@ -369,7 +372,12 @@ def regrade(folder: str, n_boot: int = 1000):
     print(open(os.path.join(folder, "results.md")).read(), end="")
 
 
-def compare(a: str, b: str, n_boot: int = 2000, seed: int = 0):
+def compare(
+    a: str,  # result folder of the baseline
+    b: str,  # result folder of the model compared with it
+    n_boot: int = 2000,  # paired bootstrap resamples
+    seed: int = 0,  # bootstrap seed
+):
     """Paired bootstrap of accuracy(b) - accuracy(a) per benchmark and on Avg., over the items both evaluated."""
     sa, sb = item_scores(read_records(a)), item_scores(read_records(b))
     common = sorted(set(sa) & set(sb))

@@ -251,22 +251,22 @@ def main(
     activation_checkpointing: bool = True,  # recipe: enable_gradient_checkpointing=True
     cpu_offload: bool = False,  # actor FSDP CPU offload
     ref_offload: bool = True,  # recipe: ref param_offload=True
-    freeze_vision: bool = False,
-    trust_remote_code: bool = False,
+    freeze_vision: bool = False,  # keep the vision tower fixed (recipe: trained)
+    trust_remote_code: bool = False,  # run code shipped with a hub model (off: our loaders need none)
     # Data
     data: str = "text",  # text (curated m23k) | image (curated PMC-VQA) | a folder from data_prep.py
-    split: str = "train",
+    split: str = "train",  # split of a hub dataset
     shuffle: bool = True,  # recipe's released runs shuffle (seed 1); false = the stored easy-to-hard order
-    data_seed: int = 1,
+    data_seed: int = 1,  # recipe: verl data.seed 1 for the shuffled sampler
     max_prompt_length: int = 2048,  # longer prompts are skipped and counted (data_prep filters them already)
     epochs: int = -1,  # -1 = recipe (5 for text, 1 for image, else 1)
     max_steps: int = -1,  # stop early
     # Rollout
     engine: str = "auto",  # auto = vllm on GPU when installed, else hf | vllm | hf
     group_size: int = 8,  # responses per prompt (the recipe's rollout.n; torchrun would misread a flag named --n)
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 4096,
+    temperature: float = 1.0,  # rollout sampling (recipe 1.0)
+    top_p: float = 1.0,  # rollout nucleus sampling (recipe 1.0 = off)
+    max_new_tokens: int = 4096,  # rollout response cap (recipe 4096)
     rollout_batch: int = 64,  # prompts per generate call (hf engine)
     tp: int = -1,  # vllm tensor parallel (-1 = size table: 2 for 3b/7b)
     gpu_memory_utilization: float = 0.6,  # vllm KV cache share while colocated
@@ -275,24 +275,24 @@ def main(
     train_batch: int = 256,  # prompts per step, all ranks together
     mini_batch: int = 128,  # prompts per optimizer update (train_batch / mini_batch updates per step)
     micro_batch: int = -1,  # responses per forward pass per rank (-1 = size table: 32)
-    lr: float = 1e-6,
-    weight_decay: float = 0.01,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    grad_clip: float = 1.0,
+    lr: float = 1e-6,  # recipe: 1e-6, constant, no warmup
+    weight_decay: float = 0.01,  # AdamW (recipe 0.01)
+    beta1: float = 0.9,  # AdamW (recipe 0.9)
+    beta2: float = 0.999,  # AdamW (recipe 0.999)
+    grad_clip: float = 1.0,  # max global grad norm (recipe 1.0)
     norm_std: bool = True,  # false = Dr.GRPO advantages (no std division)
-    adv_eps: float = 1e-6,
-    clip_low: float = 0.2,
+    adv_eps: float = 1e-6,  # added to the group std
+    clip_low: float = 0.2,  # PPO clip: ratio >= 1 - clip_low
     clip_high: float = 0.2,  # DAPO clip-higher: 0.28
     clip_c: float = 3.0,  # dual clip (<= 1 disables)
     kl_coef: float = 0.01,  # 0 = no KL and no reference model
     kl_type: str = "k3",  # k1 | k2 | k3 (low_var_kl)
-    entropy_coef: float = 0.0,
+    entropy_coef: float = 0.0,  # entropy bonus in the loss (recipe 0)
     loss_agg: str = "token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     drop_zero_var: bool = False,  # leave all-right / all-wrong groups out of the update
     mask_truncated: bool = False,  # responses cut at max_new_tokens get no loss
     overlong_buffer: int = 0,  # DAPO soft overlong penalty over the last N tokens (0 = off)
-    overlong_penalty_factor: float = 1.0,
+    overlong_penalty_factor: float = 1.0,  # the penalty at the hard cap (DAPO 1.0)
     share_prefix: bool = True,  # compute each prompt once per group in the update (sdpa only)
     seed: int = 0,  # rollout seeds, init
     max_bad_steps: int = 3,  # consecutive non-finite steps before the run stops
@@ -300,15 +300,15 @@ def main(
     val_data: str = "",  # eval-schema folder/hub id for greedy validation ('' = none)
     val_limit: int = 400,  # items per validation (recipe: a 400-row subset)
     val_every: int = 50,  # steps (0 = never); recipe test_freq 50
-    val_before_train: bool = True,
-    val_max_new_tokens: int = 4096,
+    val_before_train: bool = True,  # validate at step 0 too (recipe: true except 32B)
+    val_max_new_tokens: int = 4096,  # greedy response cap for validation
     save_every: int = 50,  # steps; a DCP checkpoint and an HF folder each time (recipe save_freq 50)
     out: str = "",  # '' = outputs/grpo/<model>-<data>
     resume: str = "auto",  # auto | '' | a ckpt/step_N folder
     min_free_gb: float = -1,  # free space the output folder must have at start (-1 = estimate one checkpoint)
     timeout_s: float = 1800,  # collective timeout: a rank that dies stops the others instead of hanging them
-    wandb: bool = False,
-    log_every: int = 1,
+    wandb: bool = False,  # also log to Weights & Biases (needs `pip install wandb` and a login)
+    log_every: int = 1,  # print a metric line every N steps (metrics.jsonl gets every step)
 ):
     user_config = dict(locals())
     t_start = time.time()

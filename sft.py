@@ -87,25 +87,25 @@ def main(
     activation_checkpointing: str = "auto",  # auto = from the size table (on for 32b) | true | false
     cpu_offload: bool = False,  # FSDP2 CPU offload of params/grads/optimizer state
     freeze_vision: bool = False,  # recipe trains everything
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False,  # run code shipped with a hub model (off: our loaders need none)
     # Data
     data: str = "text",  # text (m23k) | image (PMC-VQA + GPT-4o CoT) | mixed | comma-separated folders/hub ids
-    split: str = "train",
+    split: str = "train",  # split of a hub dataset
     max_length: int = 32768,  # longer conversations are skipped and counted; recipe block_size 32768
     packing: bool = True,  # padding-free rows (False = padded reference mode)
     # Optimization (recipe §5.1)
-    lr: float = 1e-5,
+    lr: float = 1e-5,  # recipe: 1e-5 peak
     schedule: str = "cosine",  # cosine | constant
-    warmup_ratio: float = 0.05,
-    beta1: float = 0.9,
-    beta2: float = 0.95,
-    weight_decay: float = 1e-4,
+    warmup_ratio: float = 0.05,  # share of the steps with linear warmup (recipe 0.05)
+    beta1: float = 0.9,  # AdamW (recipe 0.9)
+    beta2: float = 0.95,  # AdamW (recipe 0.95)
+    weight_decay: float = 1e-4,  # recipe: 1e-4
     grad_clip: float = 1.0,  # HF Trainer's max_grad_norm
     global_batch: int = 16,  # samples per optimizer step, all ranks together
     micro_batch: int = 1,  # samples per forward pass per rank (packed into one row)
-    epochs: int = 5,
+    epochs: int = 5,  # recipe: 5 with a save each (the released models are epoch 3)
     max_steps: int = -1,  # stop early (-1 = epochs * steps per epoch)
-    seed: int = 42,
+    seed: int = 42,  # data order and init
     max_bad_steps: int = 3,  # consecutive non-finite steps before the run stops
     # Checkpoints and logging
     out: str = "",  # '' = outputs/sft/<model>-<data>
@@ -114,8 +114,8 @@ def main(
     resume: str = "auto",  # auto = newest complete checkpoint in out/ckpt | '' = start fresh | a step_N folder
     min_free_gb: float = -1,  # free space the output folder must have at start (-1 = estimate one checkpoint)
     timeout_s: float = 1800,  # collective timeout: a rank that dies stops the others instead of hanging them
-    wandb: bool = False,
-    log_every: int = 1,
+    wandb: bool = False,  # also log to Weights & Biases (needs `pip install wandb` and a login)
+    log_every: int = 1,  # print a metric line every N steps (metrics.jsonl gets every step)
 ):
     user_config = dict(locals())
     t_start = time.time()

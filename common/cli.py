@@ -3,10 +3,12 @@
 fire alone parses types from the value (`--lr=1e-5` is a float, `--name=001` a string, `--flag=false` the *truthy*
 string 'false') and reports a misspelt flag only after `main` has run with the defaults. Here every `--key` must be a
 parameter of the function, each value is coerced to the type of that parameter's default, and only then does fire
-dispatch (so `--help` still works). A script copied elsewhere can replace `cli.run(main)` with `fire.Fire(main)`.
+dispatch. `--help` lists every flag with its default and the comment on its line of the signature. A script copied
+elsewhere can replace `cli.run(main)` with `fire.Fire(main)`.
 """
 
 import inspect
+import re
 import sys
 
 import fire
@@ -76,19 +78,51 @@ def parse(fn, argv: list[str]) -> dict:
     return out
 
 
+def flags(fn) -> list[tuple[str, object, str]]:
+    """(name, default, comment) for each parameter; the comment is the `# ...` on its line of the signature."""
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):  # no source (e.g. defined in `python -c`): flags without comments
+        src = ""
+    end = re.search(r"^\)( -> .*)?:", src, re.M)  # a multi-line signature ends at a line starting with ')'
+    src = src[: end.start()] if end else src.split("\n")[0]
+    out = []
+    for name, p in inspect.signature(fn).parameters.items():
+        m = re.search(rf"^\s*{name}\s*[:=][^\n]*?#\s*(.*)$", src, re.M)
+        default = "(required)" if p.default is inspect.Parameter.empty else f"(default {p.default!r})"
+        out.append((name, default, m.group(1).strip() if m else ""))
+    return out
+
+
+def help_text(fn, prog: str) -> str:
+    """What --help prints: the docstring's first paragraph, then every flag with its default and comment."""
+    doc = (inspect.getdoc(fn) or inspect.getmodule(fn).__doc__ or "").strip().split("\n\n")[0]
+    rows = flags(fn)
+    width = max((len(n) + len(d) for n, d, _ in rows), default=0) + 4
+    lines = [f"usage: {prog} [--flag value ...]", "", doc, ""]
+    lines += [f"  {f'--{n} {d}':<{width}} {c}".rstrip() for n, d, c in rows]
+    return "\n".join(lines)
+
+
 def run(target, argv: list[str] | None = None):
     """Run a function, or one of a dict of sub-commands picked by the first word ("" = the default command)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    fn = target
+    prog, fn = sys.argv[0], target
     if isinstance(target, dict):
         if argv and argv[0] in target and argv[0]:
-            fn, argv = target[argv[0]], argv[1:]
+            prog, fn, argv = f"{prog} {argv[0]}", target[argv[0]], argv[1:]
         elif "" in target:
             fn = target[""]
         else:
-            sys.exit(f"usage: {sys.argv[0]} {{{'|'.join(target)}}} [--flag value ...]")
+            usage = "\n".join(f"  {k:<14} {(inspect.getdoc(f) or '').splitlines()[0]}" for k, f in target.items())
+            asked = any(a in ("-h", "--help") for a in argv)
+            bad = "" if asked else (f"unknown command {argv[0]!r}\n" if argv else "which command?\n")
+            print(f"{bad}usage: {prog} {{{'|'.join(target)}}} [--flag value ...]\n{usage}",
+                  file=sys.stdout if asked else sys.stderr)
+            sys.exit(0 if asked else 2)
     if any(a in ("-h", "--help") for a in argv):
-        return fire.Fire(fn, command=["--help"])
+        print(help_text(fn, prog))
+        return None
     try:
         kwargs = parse(fn, argv)
     except ValueError as e:

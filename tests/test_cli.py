@@ -33,3 +33,17 @@ def test_script_fails_before_work(tmp_path):
     p = run_py("evaluate.py", "--model", "nowhere", "--out", str(tmp_path / "o"), "--lmit", "3", check=False)
     assert p.returncode != 0 and "unknown flag --lmit" in p.stdout
     assert not (tmp_path / "o").exists()
+
+
+def g(
+    a: int = 1,  # the first
+    b=2,
+):
+    b = 3  # a comment in the body is not b's
+    return a, b
+
+
+def test_flags_read_comments_from_the_signature_only():
+    assert cli.flags(g) == [("a", "(default 1)", "the first"), ("b", "(default 2)", "")]
+    text = cli.help_text(g, "prog")
+    assert "--a (default 1)" in text and "the first" in text and "body" not in text

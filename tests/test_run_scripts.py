@@ -2,11 +2,13 @@
 
 The launchers are the recipe written down; a renamed flag would otherwise surface only on a GPU cluster, after the
 queue. DRY_RUN=1 makes them print the command instead of running it, and cli.parse checks it the way the script will.
+The scripts themselves: every flag has a default and a comment, and --help shows both.
 """
 
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -77,3 +79,22 @@ def test_launcher_forwards_extra_flags_and_rejects_typos():
     (g,) = commands("grpo_3b.sh", {}, ("--max_stepz", "3"))
     with pytest.raises(ValueError, match="unknown flag --max_stepz"):
         check(g)
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_every_flag_has_a_default_and_a_comment(script):
+    target = SCRIPTS[script]
+    for name, fn in (target.items() if isinstance(target, dict) else [("", target)]):
+        for flag, default, comment in cli.flags(fn):
+            assert comment, f"{script} {name}: --{flag} has no comment on its line"
+            assert default != "(required)" or name in ("compare", "regrade"), f"{script} --{flag}"  # positional
+
+
+def test_help_lists_every_flag():
+    p = subprocess.run([sys.executable, "data_prep.py", "passrate", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ROOT}, timeout=120, check=True)
+    for flag, default, comment in cli.flags(data_prep.passrate):
+        assert f"--{flag} {default}" in p.stdout and comment in p.stdout
+    p = subprocess.run([sys.executable, "data_prep.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ROOT}, timeout=120, check=True)
+    assert all(name in p.stdout for name in data_prep.COMMANDS)
