@@ -224,8 +224,8 @@ def main(
 ):
     user_config = dict(locals())
     d = dist.init(seed=seed)
-    name = name or os.path.basename(os.path.realpath(resolve(model)).rstrip("/")) if os.path.exists(resolve(model)) \
-        else name or os.path.basename(resolve(model).rstrip("/"))
+    path = resolve(model)  # a folder's own name (through links: outputs/x/final -> epoch_3), else the hub id's tail
+    name = name or os.path.basename((os.path.realpath(path) if os.path.exists(path) else path).rstrip("/"))
     out = out or os.path.join("outputs", "eval", name)
     checkpoint.check_output(out)
     if d.is_main:

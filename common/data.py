@@ -79,21 +79,17 @@ class JsonlRows:
     def select_columns(self, cols):
         return self
 
-    def __getstate__(self):
-        return self.__dict__
-
 
 def load_rows(source: str, split: str = "test"):
     """Rows from a save_to_disk folder, parquet file/folder, jsonl file (line by line), json file, or a hub id.
     A source that cannot be read at all stops the script with a message naming it."""
     try:
         return _load_rows(source, split)
-    except (OSError, ValueError, ImportError) as e:  # pyarrow/datasets raise many types for unreadable files
+    except Exception as e:  # pyarrow/datasets/hub raise many types for unreadable files; anything else is a bug
+        if not isinstance(e, (OSError, ValueError, ImportError)) and \
+                type(e).__module__.split(".")[0] not in ("pyarrow", "datasets", "huggingface_hub"):
+            raise
         raise SystemExit(f"cannot read {source}: {type(e).__name__}: {str(e)[:300]}") from None
-    except Exception as e:
-        if type(e).__module__.split(".")[0] in ("pyarrow", "datasets", "huggingface_hub"):
-            raise SystemExit(f"cannot read {source}: {type(e).__name__}: {str(e)[:300]}") from None
-        raise
 
 
 def _load_rows(source: str, split: str):
@@ -239,10 +235,22 @@ def repair_tail(path: str) -> None:
     """Cut a last line left half-written by a kill, so records appended later start on a line of their own."""
     if not os.path.exists(path):
         return
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
+    with open(path, "rb+") as f:  # read backwards from the end only: result files can be large
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - (1 << 16))
+            f.seek(start)
+            block = f.read(pos - start)
+            if pos == end and block.endswith(b"\n"):
+                return
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                f.truncate(start + cut + 1)
+                return
+            pos = start
+        if end:
+            f.truncate(0)  # no complete line at all
 
 
 def write_json(path: str, obj) -> None:

@@ -67,6 +67,11 @@ def sft_grad(path, data, micro, rows, out):
     for m in range(0, per, micro):
         lp, _ = model.mvl_logprobs(fw.pack(mine[m : m + micro], model, rows=rows))
         token_loss(lp, n_tok).backward()
+    _save_grads(model, d, out)
+
+
+def _save_grads(model, d, out):
+    """Full (unsharded) gradients to `out` from rank 0, then leave the process group."""
     grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
              for n, p in model.named_parameters()}
     if d.rank == 0:
@@ -141,12 +146,7 @@ def grpo_grad(path, micro_groups, loss_agg, out):
                                      [ref[i * 3 + j] for i in chunk for j in range(3)], normaliser, d.device, True, 1.0,
                                      algo)
         loss.backward()
-    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-             for n, p in model.named_parameters()}
-    if d.rank == 0:
-        torch.save(grads, out)
-    print(f"OK rank {d.rank}", flush=True)
-    dist.cleanup()
+    _save_grads(model, d, out)
 
 
 if __name__ == "__main__":

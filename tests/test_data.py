@@ -74,3 +74,17 @@ def test_bound_image_follows_recipe():
     assert bound_image(Image.new("RGB", (10, 100))).size == (28, 280)
     assert bound_image(Image.new("RGB", (1500, 20))).size == (2100, 28)  # short side first, as upstream
     assert bound_image(Image.new("L", (500, 400))).mode == "RGB"
+
+
+@pytest.mark.parametrize("content", [b"", b'{"a": 1}\n', b'{"a": 1}\n{"b"', b'{"b"', b"x\n" + b"y" * 200_000,
+                                     b"x\n" * 50_000 + b"z" * 70_000, b"\n"])
+def test_repair_tail_cuts_exactly_the_torn_last_line(tmp_path, content):
+    from common.data import repair_tail
+
+    p = tmp_path / "items.jsonl"
+    p.write_bytes(content)
+    repair_tail(str(p))
+    want = content if content.endswith(b"\n") or not content else content[: content.rfind(b"\n") + 1]
+    assert p.read_bytes() == want
+    repair_tail(str(tmp_path / "missing.jsonl"))  # nothing to repair, nothing created
+    assert not (tmp_path / "missing.jsonl").exists()
