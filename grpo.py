@@ -45,7 +45,7 @@ from common.model import build_meta, load_processor, num_params, resolve
 # Curated training sets written by data_prep.py (run/data_prep.sh builds them): 3B pass counts, 1..7 of 16.
 DATASETS = {"text": "data/m23k_3b_e2h", "image": "data/pmc_vqa_3b_e2h"}
 EPOCHS = {"text": 5, "image": 1}  # recipe: RL(m23k) 5 epochs, RL(PMC) 1 epoch
-# The few knobs that depend on model size: responses per micro-batch per GPU, rollout TP, activation checkpointing.
+# The few knobs that depend on model size: responses per micro-batch per GPU and rollout tensor parallelism.
 SIZES = {"3b": dict(micro_batch=32, tp=2), "7b": dict(micro_batch=32, tp=2), "32b": dict(micro_batch=16, tp=4),
          "72b": dict(micro_batch=8, tp=8)}
 
@@ -432,13 +432,15 @@ def main(
         vroot = data_root(val_data)
         idx = list(range(min(len(vrows), val_limit)))
         mine = idx[d.rank :: d.world_size]
-        eps = []
+        eps, skipped = [], 0
         for i in mine:
             try:
                 it = parse_row(vrows[i], vroot)
             except RowError:
+                skipped += 1  # bad rows are data_prep.py's to report; here they are counted, not graded
                 continue
             if it.images and processor is None:
+                skipped += 1  # a text-only policy cannot see image items
                 continue
             eps.append(Episode(it, Prompt(prompts.render(owner, prompts.messages(
                 it.question, it.options, len(it.images), processor is not None)), it.images)))
@@ -447,7 +449,7 @@ def main(
         rew = sum(grading.strict_reward(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
         cnt = dist.all_reduce_sum(len(eps))
         return {"val/acc": dist.all_reduce_sum(acc) / max(1, cnt), "val/reward": dist.all_reduce_sum(rew) / max(1, cnt),
-                "val/items": cnt}
+                "val/items": cnt, "val/skipped": dist.all_reduce_sum(skipped)}
 
     # Resume
     step = 0
@@ -467,7 +469,7 @@ def main(
                 and not (step == start_step and step > 0):
             v = validate(step)
             log.log(step, v, f"step {step:05d} | val acc {v['val/acc']:.4f} | val reward {v['val/reward']:.4f} "
-                             f"({int(v['val/items'])} items)")
+                             f"({int(v['val/items'])} items, {int(v['val/skipped'])} skipped)")
         fresh = step != start_step  # the checkpoint we resumed from is not written again
         name = f"step_{step:06d}"
         if step > 0 and (last_step or (save_every and step % save_every == 0)):

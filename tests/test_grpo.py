@@ -172,7 +172,8 @@ def test_two_ranks_run_and_validate(tmp_path, tiny_vl, toy_images, vqa_rad_eval)
              "--kl_coef", "0.01", "--val_data", vqa_rad_eval, "--val_limit", "6", "--val_every", "2",
              "--val_max_new_tokens", "4", "--out", str(tmp_path / "r"), timeout=600)
     rows = _metrics(tmp_path / "r")
-    assert rows[0]["val/items"] == 6 and "val/acc" in rows[-1] and rows[-1]["kl"] is not None
+    assert rows[0]["val/items"] == 6 and rows[0]["val/skipped"] == 0
+    assert "val/acc" in rows[-1] and rows[-1]["kl"] is not None
     assert (tmp_path / "r" / "curves.png").exists() and (tmp_path / "r" / "final" / "config.json").exists()
 
 
