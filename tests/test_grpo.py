@@ -184,7 +184,11 @@ def test_smollm2_sft_then_grpo_learns(tmp_path, smollm2, sample_data):
     A 135M model almost never produces the strict format from scratch, so every group would score 0. We warm-start
     it with sft.py on 24 bundled traces (and check that SFT lowers the loss), then run GRPO on 8 other bundled
     questions with the format part of the recipe's reward (common.grading:format_ok): a reward with signal for a
-    model this small. The strict reward is recorded too (acc/format columns) but not asserted."""
+    model this small. The strict reward is recorded too (acc/format columns) but not asserted.
+    Responses are capped at 32 new tokens, under the warm-started model's habit (~35 tokens on average when allowed
+    48), so about half are cut before `</answer>` at first: the lesson is to think more briefly. Measured on AMD EPYC,
+    2 threads: 0.53 0.53 0.53 0.66 0.78 0.88 (1 thread: ... 0.84 0.91). With a 48-token cap the model starts near
+    0.75 and the rest of the rise was within the noise of 32 samples a step (0.75 -> 0.94 failed a > 0.95 bound)."""
     from common.data import load_rows
 
     text = load_rows(os.path.join(sample_data, "text"))
@@ -198,12 +202,12 @@ def test_smollm2_sft_then_grpo_learns(tmp_path, smollm2, sample_data):
     sft_loss = [r["loss"] for r in _metrics(tmp_path / "s")]
     assert sum(sft_loss[3:]) / 3 < 0.6 * sum(sft_loss[:3]) / 3, sft_loss  # same 24 traces each epoch
     run_py("grpo.py", "--model", str(tmp_path / "s" / "final"), "--data", str(tmp_path / "rl"), "--engine", "hf",
-           "--dtype", "fp32", "--group_size", "4", "--train_batch", "8", "--mini_batch", "8", "--max_new_tokens", "48",
+           "--dtype", "fp32", "--group_size", "4", "--train_batch", "8", "--mini_batch", "8", "--max_new_tokens", "32",
            "--lr", "5e-5", "--kl_coef", "0", "--max_steps", "6", "--epochs", "100", "--activation_checkpointing",
            "false", "--reward", "common.grading:format_ok", "--save_every", "0", "--out", str(tmp_path / "g"),
            timeout=900)
     rewards = [r["reward"] for r in _metrics(tmp_path / "g")]
-    assert rewards[0] < 0.8 and rewards[-1] > 0.95 and max(rewards[-2:]) > rewards[0] + 0.15, rewards
+    assert rewards[0] < 0.75 and max(rewards[-2:]) > 0.8 and max(rewards[-2:]) > rewards[0] + 0.25, rewards
 
 
 def test_vllm_engine_on_gpu(tiny_vl):
