@@ -71,6 +71,25 @@ def step_indices(n: int, step: int, steps_per_epoch: int, global_batch: int, see
     return batch[rank * per : (rank + 1) * per]
 
 
+def template_overhead(owner, tokenizer, multimodal: bool) -> tuple[int, int]:
+    """Tokens the chat template adds (system turn, role markers, `<|im_end|>`): (around the user text, after the
+    assistant's target). Counted once, so the up-front length check sees the conversation the loop will encode."""
+    n = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    msgs, target = prompts.messages("q", {"A": "a"}, 0, multimodal), prompts.sft_target("r", "A")
+    prompt, full = prompts.render(owner, msgs), prompts.render(owner, msgs, target)
+    return n(prompt) - n(prompts.user_text("q", {"A": "a"})), n(full) - n(prompt) - n(target)
+
+
+def conversation_tokens(tokenizer, item, overhead: tuple[int, int], prompt_tokens: int | None = None) -> int:
+    """Length of the encoded SFT conversation from its parts, without images decoded or the template run per row:
+    the rendered prompt (data_prep's count, image tokens included, else the user text + the template's share), the
+    target, and the template's closing tokens."""
+    n = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    if prompt_tokens is None or prompt_tokens < 0:  # data_prep writes -1 when it was not asked to count
+        prompt_tokens = n(prompts.user_text(item.question, item.options)) + overhead[0]
+    return prompt_tokens + n(prompts.sft_target(item.reasoning or "", item.answer_label)) + overhead[1]
+
+
 def token_loss(logp: torch.Tensor, n_global_tokens: int) -> torch.Tensor:
     """Summed negative log-likelihood of this micro-batch's loss tokens over the global batch's loss-token count."""
     return -logp.sum() / max(1, n_global_tokens)
@@ -136,6 +155,7 @@ def main(
     sources = DATASETS.get(data, data.split(","))
     tables = [(src, load_rows(src, split)) for src in sources]
     processor, tokenizer = load_processor(model, trust_remote_code)
+    overhead = template_overhead(processor or tokenizer, tokenizer, processor is not None)
     index, skipped = [], {}
     for t, (src, ds) in enumerate(tables):
         cols = [c for c in ds.column_names if c != "images"]
@@ -147,9 +167,7 @@ def main(
                     raise RowError("no reasoning trace")
                 if processor is None and "images" in ds.column_names and ds[i]["images"]:
                     raise RowError("has images but the model is text-only")
-                # length: the prompt's (data_prep counted image tokens too) + the target's
-                n = row.get("prompt_tokens") or len(tokenizer(prompts.user_text(item.question, item.options))["input_ids"])
-                n += len(tokenizer(prompts.sft_target(item.reasoning, item.answer_label))["input_ids"])
+                n = conversation_tokens(tokenizer, item, overhead, row.get("prompt_tokens"))
                 if n > max_length:
                     raise RowError(f"longer than max_length ({n} > {max_length} tokens)")
                 index.append((t, i))
