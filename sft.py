@@ -71,10 +71,15 @@ def step_indices(n: int, step: int, steps_per_epoch: int, global_batch: int, see
     return batch[rank * per : (rank + 1) * per]
 
 
+def _count(tokenizer, text: str) -> int:
+    """Tokens of `text` as encode_sft tokenizes it (no special tokens added)."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def template_overhead(owner, tokenizer, multimodal: bool) -> tuple[int, int]:
     """Tokens the chat template adds (system turn, role markers, `<|im_end|>`): (around the user text, after the
     assistant's target). Counted once, so the up-front length check sees the conversation the loop will encode."""
-    n = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    n = lambda s: _count(tokenizer, s)  # noqa: E731
     msgs, target = prompts.messages("q", {"A": "a"}, 0, multimodal), prompts.sft_target("r", "A")
     prompt, full = prompts.render(owner, msgs), prompts.render(owner, msgs, target)
     return n(prompt) - n(prompts.user_text("q", {"A": "a"})), n(full) - n(prompt) - n(target)
@@ -84,10 +89,9 @@ def conversation_tokens(tokenizer, item, overhead: tuple[int, int], prompt_token
     """Length of the encoded SFT conversation from its parts, without images decoded or the template run per row:
     the rendered prompt (data_prep's count, image tokens included, else the user text + the template's share), the
     target, and the template's closing tokens."""
-    n = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     if prompt_tokens is None or prompt_tokens < 0:  # data_prep writes -1 when it was not asked to count
-        prompt_tokens = n(prompts.user_text(item.question, item.options)) + overhead[0]
-    return prompt_tokens + n(prompts.sft_target(item.reasoning or "", item.answer_label)) + overhead[1]
+        prompt_tokens = _count(tokenizer, prompts.user_text(item.question, item.options)) + overhead[0]
+    return prompt_tokens + _count(tokenizer, prompts.sft_target(item.reasoning or "", item.answer_label)) + overhead[1]
 
 
 def token_loss(logp: torch.Tensor, n_global_tokens: int) -> torch.Tensor:
