@@ -694,8 +694,7 @@ def passrate(
                         pass
     processor, tok = load_processor(model)
     if engine == "vllm":
-        gen = VLLMEngine(resolve(model), tok, tp=tp, seed=seed, external_launcher=d.world_size > 1, dp=dp,
-                         is_vl=processor is not None)
+        gen = VLLMEngine(resolve(model), tok, tp=tp, seed=seed, dtype=dtype, is_vl=processor is not None)
     else:
         gen = HFEngine(load_model(model, dtype=dtype, device=d.device).eval(), processor, tok, batch_size)
     owner = processor if processor is not None else tok
@@ -725,6 +724,8 @@ def passrate(
             bar.update(len(batch))
     bar.close()
     rate = dist.all_reduce_sum(len(todo)) / max(1e-9, time.time() - t0)  # items/s over all ranks
+    if engine == "vllm":
+        gen.shutdown()  # before our process group goes (vLLM's groups are built on it)
     skipped = int(dist.all_reduce_sum(skipped))
     if d.is_main:
         merged, unreadable = {}, 0

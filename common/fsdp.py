@@ -105,3 +105,10 @@ def gathered(model):
         for m in fsdp_modules:
             m.set_reshard_after_forward(True, recurse=False)
             m.reshard()
+
+
+def full_params(model):
+    """(name, full tensor) per parameter, gathered one at a time from the FSDP2 shards (every rank must iterate it
+    in step: each DTensor gather is a collective). Names are the HF model's own, as vLLM's loaders accept them."""
+    for name, p in model.named_parameters():
+        yield name, (p.full_tensor() if isinstance(p, DTensor) else p.data)

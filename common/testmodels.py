@@ -67,17 +67,21 @@ def build_tokenizer(vocab_size: int = 512):
 
 
 def build_tiny_vl(folder: str, seed: int = 0, hidden: int = 64, layers: int = 2) -> str:
-    """Write a random-weight Qwen2.5-VL (2 text layers, 2 vision blocks) with tokenizer and processor to `folder`."""
+    """Write a random-weight Qwen2.5-VL (2 text layers, 2 vision blocks) with tokenizer and processor to `folder`.
+
+    hidden=128 gives head_dim 32, the smallest that vLLM's CPU attention takes (it supports 32, 64, 80, ...)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
     tok = build_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    half = hidden // 4 // 2  # 4 heads; M-RoPE splits head_dim / 2 frequencies into (time, height, width)
+    mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]  # 64 -> [2, 3, 3]
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"]),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
@@ -165,9 +169,11 @@ def _move_into(tmp: str, folder: str) -> None:
     os.rmdir(tmp)
 
 
-if __name__ == "__main__":  # python -m common.testmodels {smollm2|tiny_vl|tiny_text} FOLDER
+if __name__ == "__main__":  # python -m common.testmodels {smollm2|tiny_vl|tiny_vl_vllm|tiny_text} FOLDER
     import sys
 
     kind, folder = sys.argv[1], sys.argv[2]
-    {"smollm2": convert_smollm2, "tiny_vl": build_tiny_vl, "tiny_text": build_tiny_text}[kind](folder)
+    build = {"smollm2": convert_smollm2, "tiny_vl": build_tiny_vl, "tiny_text": build_tiny_text,
+             "tiny_vl_vllm": lambda f: build_tiny_vl(f, hidden=128)}
+    build[kind](folder)
     print(f"wrote {folder}")

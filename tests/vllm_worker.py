@@ -1,0 +1,168 @@
+"""Engine-level vLLM checks, run by tests/test_vllm.py in a subprocess (vLLM pins threads and NUMA memory policy in
+the process that starts it, so it never starts inside the pytest process). Not a test module itself.
+
+    python tests/vllm_worker.py parity SMOLLM2 TINY_VL_VLLM OUT.json
+Prints nothing useful; writes its measurements to OUT.json and raises on the first failed check.
+"""
+
+import json
+import sys
+
+import torch
+from PIL import Image
+
+from common import dist, generate as G, prompts
+from common.model import banned_token_ids, load_model, load_processor
+
+QUESTIONS = ["Which organ produces insulin?", "Which vitamin deficiency causes scurvy?",
+             "Which cells carry oxygen in the blood?", "Where is bile stored?"]
+OPTIONS = {"A": "Liver", "B": "Pancreas", "C": "Kidney", "D": "Gallbladder"}
+
+
+def text_prompts(tok):
+    return [G.Prompt(prompts.render(tok, prompts.messages(q, OPTIONS, 0, False))) for q in QUESTIONS]
+
+
+def image_prompts(proc):
+    out = []
+    for i, q in enumerate(QUESTIONS[:3]):
+        imgs = [Image.new("RGB", (84 + 14 * i, 70), (60 * i, 120, 200 - 50 * i))] if i != 1 else []
+        out.append(G.Prompt(prompts.render(proc, prompts.messages(q, OPTIONS, len(imgs), True)), imgs))
+    return out
+
+
+def trainer_logprobs(model, ids: list, start: int) -> torch.Tensor:
+    """(len(ids) - start,) log-probs of ids[start:] under the HF model (teacher forcing), fp32."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, start - 1 : -1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[start:])[:, None])[:, 0]
+
+
+def engine_logprobs(eng, ids: list, start: int) -> torch.Tensor:
+    """The same log-probs from the vLLM engine (prompt_logprobs of the whole sequence)."""
+    from vllm import SamplingParams
+
+    eng._ready()
+    out = eng.llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0,
+                                                                      detokenize=False), use_tqdm=False)[0]
+    return torch.tensor([out.prompt_logprobs[k][ids[k]].logprob for k in range(start, len(ids))])
+
+
+def zero_engine_weights(worker):
+    """What sleep(level=2) leaves behind, made physical on a platform without sleep mode: weights that are gone."""
+    with torch.no_grad():
+        for p in worker.model_runner.get_model().parameters():
+            p.zero_()
+    from common.generate import _refresh_lm_heads
+
+    _refresh_lm_heads(worker)
+
+
+def parity(smollm2: str, tiny_vl: str, out: str):
+    dist.init(seed=0)
+    report = {}
+
+    # 1. SmolLM2: dummy start + push from the trainer = the checkpoint's greedy tokens, token for token
+    _, tok = load_processor(smollm2)
+    model = load_model(smollm2, dtype="fp32").eval()
+    hf = G.HFEngine(model, None, tok, batch_size=4)
+    ps = text_prompts(tok)
+    ref = hf.generate(ps, max_new_tokens=24)
+    eng = G.VLLMEngine(smollm2, tok, dtype="fp32", is_vl=False, dummy_weights=True, max_model_len=1024,
+                       weight_source=lambda: model.named_parameters())
+    assert eng.weights == "stale", eng.weights
+    got = eng.generate(ps, max_new_tokens=24, logprobs=True)
+    assert eng.pushes == 1 and eng.weights == "current"
+    for r, g in zip(ref, got):
+        assert r[0].token_ids == g[0].token_ids, (r[0].text, g[0].text)
+        assert r[0].text == g[0].text and r[0].finish_reason == g[0].finish_reason
+    report["greedy_text_equal"] = len(ref)
+
+    # 2. sampled tokens: the engine's log-probs equal the trainer's (teacher forcing on the same tokens)
+    sampled = eng.generate(ps, n=2, temperature=1.0, max_new_tokens=16, seeds=[1, 2, 3, 4], logprobs=True)
+    diffs = []
+    for p, group in zip(ps, sampled):
+        head = tok(p.text, add_special_tokens=False)["input_ids"]
+        for s in group:
+            t = trainer_logprobs(model, head + s.token_ids, len(head))
+            diffs.append(float((t - torch.tensor(s.logprobs)).abs().max()))
+    report["sampled_logprob_maxdiff"] = max(diffs)
+    assert max(diffs) < 1e-3, diffs
+
+    # 3. a weight change reaches the engine: one SGD step with a non-zero gradient, push, compare
+    probe_head = tok(ps[0].text, add_special_tokens=False)["input_ids"]
+    probe = probe_head + sampled[0][0].token_ids
+    before_engine = engine_logprobs(eng, probe, len(probe_head))
+    model.train()
+    logits = model(torch.tensor([probe])).logits[0, len(probe_head) - 1 : -1]
+    loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(probe[len(probe_head):]))
+    loss.backward()
+    grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
+    assert grad_norm > 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 1e-3 * p.grad.sign()
+    model.eval()
+    after_trainer = trainer_logprobs(model, probe, len(probe_head))
+    eng.mark_stale()
+    after_engine = engine_logprobs(eng, probe, len(probe_head))  # _ready() pushes first
+    moved = float((after_engine - before_engine).abs().max())
+    match = float((after_engine - after_trainer).abs().max())
+    report.update(weight_change_engine_moved=moved, weight_change_engine_vs_trainer=match, pushes=eng.pushes)
+    assert moved > 0.05 and match < 1e-3, (moved, match)
+
+    # 4. the sequence sync -> rollout -> validate -> (weights discarded, as sleep(level=2) leaves them) -> rollout
+    #    -> update -> sync -> rollout: every rollout runs on the trainer's current weights
+    seq = []
+    for phase in ["rollout", "validate", "discard", "rollout", "update", "rollout"]:
+        if phase == "discard":
+            eng.llm.collective_rpc(zero_engine_weights)
+            eng.weights = "discarded"  # the engine's record after sleep(level=2) on a GPU
+            continue
+        if phase == "update":
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1.0 + 1e-3)
+            eng.mark_stale()
+            eng.push_weights()
+            continue
+        outs = eng.generate(ps[:2], n=1, temperature=1.0 if phase == "rollout" else 0.0, max_new_tokens=12,
+                            seeds=[7, 8], logprobs=True)
+        worst = 0.0
+        for p, group in zip(ps[:2], outs):
+            head = tok(p.text, add_special_tokens=False)["input_ids"]
+            t = trainer_logprobs(model, head + group[0].token_ids, len(head))
+            worst = max(worst, float((t - torch.tensor(group[0].logprobs)).abs().max()))
+        seq.append((phase, worst))
+    report["sequence"] = seq
+    assert all(w < 1e-3 for _, w in seq), seq
+    eng.shutdown()
+
+    # 5. tiny Qwen2.5-VL: image prompts through multi_modal_data give the HF engine's greedy tokens; vision special
+    #    tokens are never sampled (and would be without the ban: the check can fail)
+    proc, vtok = load_processor(tiny_vl)
+    vmodel = load_model(tiny_vl, dtype="fp32").eval()
+    vps = image_prompts(proc)
+    vref = G.HFEngine(vmodel, proc, vtok, batch_size=3).generate(vps, max_new_tokens=16)
+    veng = G.VLLMEngine(tiny_vl, vtok, dtype="fp32", is_vl=True, max_model_len=1024)
+    vgot = veng.generate(vps, max_new_tokens=16)
+    for r, g in zip(vref, vgot):
+        assert r[0].token_ids == g[0].token_ids, (r[0].token_ids, g[0].token_ids)
+    report["vl_greedy_equal"] = len(vref)
+    banned = set(banned_token_ids(vtok))
+    draws = veng.generate(vps, n=16, temperature=1.5, max_new_tokens=32, seeds=[3, 4, 5])
+    report["vl_banned_sampled"] = sum(t in banned for o in draws for s in o for t in s.token_ids)
+    veng.banned = []
+    free = veng.generate(vps, n=16, temperature=1.5, max_new_tokens=32, seeds=[3, 4, 5])
+    report["vl_banned_sampled_without_ban"] = sum(t in banned for o in free for s in o for t in s.token_ids)
+    assert report["vl_banned_sampled"] == 0 and report["vl_banned_sampled_without_ban"] > 0, report
+    veng.shutdown()
+    dist.cleanup()
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    print("OK", json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    {"parity": parity}[sys.argv[1]](*sys.argv[2:])
