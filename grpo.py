@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import checkpoint, cli, dist, forward, fsdp, grading, prompts
+from common import checkpoint, cli, dist, forward, fsdp, grading, prompts, speed
 from common.data import RowError, data_root, load_rows, parse_row, write_json
 from common.faults import crash_point, poison
 from common.generate import HFEngine, Prompt, VLLMEngine, encode, row_seed
@@ -314,6 +314,7 @@ def main(
     t_start = time.time()
     G = group_size
     d = dist.init(seed=seed, timeout_s=timeout_s)
+    speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
     size = SIZES.get(model.lower(), dict(micro_batch=32, tp=1))
     micro_batch = size["micro_batch"] if micro_batch < 0 else micro_batch
     tp = size["tp"] if tp < 0 else tp

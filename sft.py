@@ -24,7 +24,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import checkpoint, cli, dist, forward, fsdp, prompts
+from common import checkpoint, cli, dist, forward, fsdp, prompts, speed
 from common.data import RowError, data_root, load_rows, parse_row, write_json
 from common.faults import crash_point, poison
 from common.generate import encode_sft
@@ -143,6 +143,7 @@ def main(
     user_config = dict(locals())
     t_start = time.time()
     d = dist.init(seed=seed, timeout_s=timeout_s)
+    speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
     size = SIZES.get(model.lower(), {})
     ckpt_on = size.get("activation_checkpointing", False) if activation_checkpointing == "auto" \
         else activation_checkpointing == "true"
