@@ -1,17 +1,26 @@
-"""Honest speed: which dtypes this CPU computes natively.
+"""Honest speed: which dtypes this CPU computes natively, and its measured matmul peak.
 
     speed.check_dtype("bf16", device)      # warns when bf16 would run without hardware support on this CPU
+    speed.cpu_peak("fp32")                 # {"flops_per_s": 1.8e11, "shape": [2048, 2048, 2048], ...}, cached
 
 Why: a CPU without avx512_bf16/amx_bf16 runs bf16 matmuls through a slow fallback (measured on an AVX2 machine,
 2 threads: fp32 2048^3 121 GFLOP/s, bf16 256^3 1.4 GFLOP/s, about 80x slower), and --dtype bf16 is the GPU default.
+MFU on a CPU needs a peak, and no datasheet gives one for a shared virtual machine: it is measured.
 """
 
+import hashlib
+import json
+import os
 import platform
+import time
 
 import torch
 
 from common import dist
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPES = {v: k for k, v in NAMES.items()}
 # /proc/cpuinfo flags that mean "this dtype's matmuls run on hardware instructions": x86 (flags line) and Arm
 # (Features line). fp32 needs none.
 NATIVE_FLAGS = {"bf16": {"avx512_bf16", "amx_bf16", "bf16"}, "fp16": {"avx512_fp16", "amx_fp16", "asimdhp"}}
@@ -76,3 +85,69 @@ def check_dtype(dtype: str, device: torch.device, flags: set[str] | None = None)
 def auto_dtype(flags: set[str] | None = None) -> str:
     """The CPU training dtype a benchmark should use here: bf16 where the hardware has it, else fp32."""
     return "bf16" if native_dtype("bf16", flags) else "fp32"
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Measured CPU peak
+
+
+def probe_matmul(dtype: str, seconds: float = 3.0, sizes: tuple = (256, 512, 1024, 2048)) -> dict:
+    """Best observed FLOP/s of one square (n, n) @ (n, n) matmul at `dtype` on this process's torch threads.
+
+    Each size gets an equal share of `seconds` (at least 2 timed calls after one warm-up); the rate of a call is
+    2 n^3 / its time, and the best call over all sizes is the peak (the fastest call is the least disturbed by other
+    processes on a shared machine). The sweep stops before a size whose single call would exceed its share, so an
+    80x-slow bf16 fallback ends at small n instead of taking minutes.
+    Returns flops_per_s (FLOP/s), shape [n, n, n] of the best call, calls (timed), seconds (the whole probe)."""
+    dt, best, calls, t_start = DTYPES[dtype], (0.0, None), 0, time.perf_counter()
+    share = seconds / len(sizes)
+    for i, n in enumerate(sizes):
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(n, n, generator=g).to(dt), torch.randn(n, n, generator=g).to(dt)
+        c = torch.empty(n, n, dtype=dt)
+        torch.matmul(a, b, out=c)  # warm-up: first call picks kernels and touches memory
+        t0, times = time.perf_counter(), []
+        while len(times) < 2 or time.perf_counter() - t0 < share:
+            t = time.perf_counter()
+            torch.matmul(a, b, out=c)
+            times.append(time.perf_counter() - t)
+        calls += len(times)
+        rate = 2 * n**3 / min(times)
+        if rate > best[0]:
+            best = (rate, [n, n, n])
+        if i + 1 < len(sizes) and min(times) * (sizes[i + 1] / n) ** 3 > share:  # the next size's call would overrun
+            break
+    return {"flops_per_s": best[0], "shape": best[1], "calls": calls, "seconds": time.perf_counter() - t_start}
+
+
+def cpu_peak(dtype: str, cache_dir: str | None = None, seconds: float = 3.0, report=dist.print0) -> dict:
+    """This machine's matmul peak at `dtype`, probed once and cached as JSON under `cache_dir` (default
+    <repo>/.cache/peak_flops), keyed by CPU model, torch thread count, dtype and torch version (kernels change between
+    versions). The file is written to a temporary name and renamed, so a reader never sees half of it. `report`
+    gets one line with the shape, result and cache path; delete the file to measure again (e.g. after a run on a
+    busy machine). Returns the probe record (flops_per_s, shape, ...) plus cached: bool and path."""
+    key = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "dtype": dtype, "torch": torch.__version__}
+    cache_dir = cache_dir or os.path.join(ROOT, ".cache", "peak_flops")
+    name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"{dtype}-{name}.json")
+    rec, cached = None, os.path.exists(path)
+    if cached:
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            pass
+    if not (isinstance(rec, dict) and {"flops_per_s", "shape", "calls", "measured_at"} <= set(rec)):
+        rec, cached = None, False  # unreadable or from another version of this code: measure again
+    if rec is None:
+        rec = {**key, **probe_matmul(dtype, seconds), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(rec, f, indent=1)
+        os.replace(tmp, path)
+    n = "x".join(map(str, rec["shape"]))
+    report(f"peak {rec['flops_per_s'] / 1e9:.1f} GFLOP/s {dtype} ({'cached, ' if cached else ''}measured "
+           f"{rec['measured_at']}: matmul {n}, best of {rec['calls']} calls, {rec['threads']} threads, {rec['cpu']}, "
+           f"torch {rec['torch']}; {path})")
+    return {**rec, "cached": cached, "path": path}

@@ -1,11 +1,18 @@
-"""Honest speed: the bf16-on-CPU guard.
+"""Honest speed: the bf16-on-CPU guard, the cached peak probe, the FLOP count and MFU.
 
     .venv/bin/python -m pytest -q tests/test_speed.py
 """
 
+import json
+import os
+
+import pytest
 import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
 
 from common import speed
+from common.log import compute_mfu
+from common.model import flops_per_token
 
 X86_OLD = "processor\t: 0\nmodel name\t: Some AVX2 Xeon\nflags\t\t: fpu sse2 avx avx2 fma\nbugs\t\t: spectre_v1\n"
 X86_BF16 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
@@ -45,3 +52,67 @@ def test_guard_warns_on_a_cpu_without_native_bf16_and_only_there(capsys, monkeyp
     assert speed.check_dtype("bf16", cpu) is True and "WARNING" in capsys.readouterr().out
     monkeypatch.setattr(speed, "cpu_flags", lambda: {"avx2", "amx_bf16"})
     assert speed.check_dtype("bf16", cpu) is False and capsys.readouterr().out == ""
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The measured peak
+
+
+def test_peak_probe_is_cached_with_its_shape_and_result(tmp_path, monkeypatch):
+    lines = []
+    first = speed.cpu_peak("fp32", cache_dir=str(tmp_path), seconds=0.2, report=lines.append)
+    assert not first["cached"] and first["flops_per_s"] > 1e8
+    n = first["shape"]
+    assert len(n) == 3 and n[0] == n[1] == n[2] and n[0] in (256, 512, 1024, 2048)
+    rec = json.load(open(first["path"]))
+    assert rec["flops_per_s"] == first["flops_per_s"] and rec["shape"] == n
+    assert rec["threads"] == torch.get_num_threads() and rec["dtype"] == "fp32" and rec["cpu"] == speed.cpu_model()
+    assert f"matmul {n[0]}x{n[1]}x{n[2]}" in lines[0] and f"{first['flops_per_s'] / 1e9:.1f} GFLOP/s" in lines[0]
+    assert os.listdir(tmp_path) == [os.path.basename(first["path"])]  # no temporary file left behind
+
+    def no_probe(*a, **k):
+        raise AssertionError("probed again although the cache holds this machine's peak")
+
+    monkeypatch.setattr(speed, "probe_matmul", no_probe)
+    second = speed.cpu_peak("fp32", cache_dir=str(tmp_path), report=lines.append)
+    assert second["cached"] and second["flops_per_s"] == first["flops_per_s"] and "cached" in lines[1]
+    monkeypatch.undo()
+    # another dtype is another key; a torn or foreign cache file is measured again, not trusted
+    other = speed.cpu_peak("bf16", cache_dir=str(tmp_path), seconds=0.2, report=lines.append)
+    assert other["path"] != first["path"] and not other["cached"]
+    with open(first["path"], "w") as f:
+        f.write('{"flops_per_s": 1e30')
+    again = speed.cpu_peak("fp32", cache_dir=str(tmp_path), seconds=0.2, report=lines.append)
+    assert not again["cached"] and again["flops_per_s"] < 1e20
+
+
+def test_probe_sweep_stops_before_a_size_that_would_overrun():
+    r = speed.probe_matmul("fp32", seconds=1e-4, sizes=(64, 128, 4096))
+    assert r["shape"] != [4096] * 3 and r["seconds"] < 5  # a 4096^3 fp32 call alone takes ~1 s on 2 cores
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# FLOPs per token and MFU
+
+
+def tiny_lm(tie: bool):
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_flops_per_token_is_the_written_out_formula(tie):
+    model = tiny_lm(tie)
+    h, kv, ff, layers, vocab = 64, 32, 128, 2, 256  # kv = 2 kv-heads x head_dim 16
+    per_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * ff + 2 * h  # q, k, v (biased), o, mlp, 2 norms
+    n = layers * per_layer + vocab * h  # + lm_head, tied or not; the embedding lookup is not a matmul
+    assert flops_per_token(model, 10) == 3 * (2 * n + 4 * layers * h * 10)  # 6 N + 12 L d S
+    assert flops_per_token(model, 10, passes=1) == 2 * n + 4 * layers * h * 10
+
+
+def test_mfu_arithmetic():
+    # 2 ranks did 6e12 FLOPs together in 2 s on devices of 1e12 FLOP/s each: 3e12 FLOP/s of 2e12 possible
+    assert compute_mfu(6e12, 2.0, 1e12, world_size=2) == pytest.approx(1.5)
+    assert compute_mfu(1e12, 2.0, 1e12) == pytest.approx(0.5)
+    assert compute_mfu(1e12, 2.0, None) is None and compute_mfu(1e12, 0.0, 1e12) is None
