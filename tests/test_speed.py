@@ -1,8 +1,9 @@
-"""Honest speed: the bf16-on-CPU guard, the cached peak probe, the FLOP count and MFU.
+"""Honest speed: the bf16-on-CPU guard, the cached peak probe, the FLOP count and MFU, the same-dtype ratio rule.
 
     .venv/bin/python -m pytest -q tests/test_speed.py
 """
 
+import importlib.util
 import json
 import os
 
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from common import speed
 from common.log import compute_mfu
 from common.model import flops_per_token
+from conftest import ROOT, run_py
 
 X86_OLD = "processor\t: 0\nmodel name\t: Some AVX2 Xeon\nflags\t\t: fpu sse2 avx avx2 fma\nbugs\t\t: spectre_v1\n"
 X86_BF16 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
@@ -116,3 +118,54 @@ def test_mfu_arithmetic():
     assert compute_mfu(6e12, 2.0, 1e12, world_size=2) == pytest.approx(1.5)
     assert compute_mfu(1e12, 2.0, 1e12) == pytest.approx(0.5)
     assert compute_mfu(1e12, 2.0, None) is None and compute_mfu(1e12, 0.0, 1e12) is None
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Effective dtype and the same-dtype rule
+
+
+def test_effective_dtype_is_read_from_the_running_layers():
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+    seen, stop = speed.watch_matmuls()
+    try:
+        lin(x)
+        assert speed.matmul_dtype(seen)[0] == "fp32"
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what TRL's bf16=True does on a CPU
+            lin(x)
+        eff, detail = speed.matmul_dtype(seen)
+        assert eff == "mixed" and "bf16 out <- fp32 weights, autocast bf16: 1 calls" in detail
+        seen.clear()
+        lin.to(torch.bfloat16)(x.bfloat16())  # what FSDP2's bf16 param_dtype does
+        torch.nn.functional.linear(x.bfloat16(), lin.weight)  # a functional call, as our chunked lm_head makes
+        assert speed.matmul_dtype(json.loads(json.dumps([[*k, v] for k, v in seen.items()]))) == (
+            "bf16", "bf16 out <- bf16 weights, no autocast: 2 calls")
+    finally:
+        stop()
+    lin(x.bfloat16())
+    assert sum(seen.values()) == 2  # stopped: no longer counting
+    assert speed.matmul_dtype({})[0] == "none"
+
+
+def test_ratio_only_between_equal_dtypes():
+    assert speed.same_dtype_ratio(200.0, 100.0, "fp32", "fp32") == (2.0, "same dtype (fp32)")
+    for a, b in [("fp32", "bf16"), ("bf16", "fp32"), ("mixed", "mixed"), ("fp32", "none")]:
+        ratio, why = speed.same_dtype_ratio(200.0, 100.0, a, b)
+        assert ratio is None and why.startswith("no ratio")
+    assert speed.same_dtype_ratio(200.0, 0.0, "fp32", "fp32")[0] is None
+
+
+def test_bench_bootstrap_counts_the_matmuls_of_a_real_sft_run(tmp_path, tiny_text, sample_data):
+    """sft.py run the way the bench runs it: its matmuls counted from outside, MFU printed on the CPU."""
+    spec = importlib.util.spec_from_file_location("sft_vs_trl", os.path.join(ROOT, "bench", "sft_vs_trl.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seen = str(tmp_path / "matmuls.json")
+    p = run_py("-c", bench.WATCHED, seen, "sft.py", "--model", tiny_text, "--data", f"{sample_data}/text",
+               "--dtype", "fp32", "--global_batch", "2", "--micro_batch", "2", "--max_steps", "2", "--resume", "",
+               "--export_every_epoch", "false", "--out", str(tmp_path / "out"))
+    eff, detail = speed.matmul_dtype(json.load(open(seen)))
+    assert eff == "fp32" and "fp32 out <- fp32 weights, no autocast" in detail, detail
+    assert "peak " in p.stdout and "GFLOP/s fp32" in p.stdout and "matmul " in p.stdout
+    steps = [line for line in p.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 2 and all("mfu n/a" not in s and "%" in s.split("mfu")[1] for s in steps), steps
