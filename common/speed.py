@@ -126,7 +126,8 @@ def probe_matmul(dtype: str, seconds: float = 3.0, sizes: tuple = (256, 512, 102
     return {"flops_per_s": best[0], "shape": best[1], "calls": calls, "seconds": time.perf_counter() - t_start}
 
 
-def cpu_peak(dtype: str, cache_dir: str | None = None, seconds: float = 3.0, report=dist.print0) -> dict:
+def cpu_peak(dtype: str, cache_dir: str | None = None, seconds: float = 3.0,
+             report: Callable[[str], None] = dist.print0) -> dict:
     """This machine's matmul peak at `dtype`, probed once and cached as JSON under `cache_dir` (default
     <repo>/.cache/peak_flops), keyed by CPU model, torch thread count, dtype and torch version (kernels change between
     versions). The file is written to a temporary name and renamed, so a reader never sees half of it. `report`
@@ -194,7 +195,7 @@ def watch_matmuls(path: str | None = None) -> tuple[collections.Counter, Callabl
     return seen, stop
 
 
-def matmul_dtype(calls) -> tuple[str, str]:
+def matmul_dtype(calls: dict | list) -> tuple[str, str]:
     """(effective dtype, detail) from watch_matmuls counts (a Counter or its JSON list of [weight, autocast, out, n]).
 
     The effective dtype is the output dtype when every call had the same one, 'mixed' when they differ, 'none' when
