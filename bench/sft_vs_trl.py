@@ -80,6 +80,8 @@ def main():
     ap.add_argument("--dtype", default="auto", help="auto (bf16 if this CPU has native bf16, else fp32) | fp32 | bf16")
     ap.add_argument("--work", default=os.path.join(ROOT, ".cache", "bench"))
     args = ap.parse_args()
+    if args.steps <= args.warmup:
+        ap.error(f"--steps {args.steps} leaves no step after --warmup {args.warmup} to take the median of")
     import torch
 
     from common import speed
