@@ -36,7 +36,7 @@ from collections import Counter
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from common import cli, dist, grading, prompts
+from common import cli, dist, grading, prompts, speed
 from common.data import (RowError, atomic_dir, bound_image, data_root, features, load_rows, parse_row, repair_tail, to_row,
                          write_json)
 from common.sample_facts import FACTS
@@ -696,6 +696,7 @@ def passrate(
     if engine == "vllm":
         gen = VLLMEngine(resolve(model), tok, tp=tp, seed=seed, dtype=dtype, is_vl=processor is not None)
     else:
+        speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
         gen = HFEngine(load_model(model, dtype=dtype, device=d.device).eval(), processor, tok, batch_size)
     owner = processor if processor is not None else tok
     todo, skipped = [], 0

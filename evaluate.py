@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 import numpy as np
 from tqdm import tqdm
 
-from common import checkpoint, cli, dist, grading, prompts
+from common import checkpoint, cli, dist, grading, prompts, speed
 from common.faults import crash_point
 from common.data import RowError, data_root, load_rows, parse_row, repair_tail, write_json
 from common.generate import HFEngine, Prompt, VLLMEngine, row_seed
@@ -276,6 +276,7 @@ def main(
         gen = VLLMEngine(resolve(model), tokenizer, tp=tp, seed=seed, dtype=dtype,
                          gpu_memory_utilization=gpu_memory_utilization, is_vl=processor is not None)
     else:
+        speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
         net = load_model(model, dtype=dtype, device=d.device, attn=attn, trust_remote_code=trust_remote_code).eval()
         gen = HFEngine(net, processor, tokenizer, batch_size=batch_size)
     template = processor if processor is not None else tokenizer

@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import checkpoint, cli, dist, forward, fsdp, grading, prompts
+from common import checkpoint, cli, dist, forward, fsdp, grading, prompts, speed
 from common.data import RowError, data_root, load_rows, parse_row, write_json
 from common.faults import crash_point, poison
 from common.generate import HFEngine, Prompt, VLLMEngine, encode, row_seed
-from common.log import Logger, fmt, git_sha, peak_flops, plot_curves
-from common.model import build_meta, load_processor, num_params, resolve
+from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
+from common.model import build_meta, flops_per_token, load_processor, resolve
 
 # Curated training sets written by data_prep.py (run/data_prep.sh builds them): 3B pass counts, 1..7 of 16.
 DATASETS = {"text": "data/m23k_3b_e2h", "image": "data/pmc_vqa_3b_e2h"}
@@ -314,6 +314,7 @@ def main(
     t_start = time.time()
     G = group_size
     d = dist.init(seed=seed, timeout_s=timeout_s)
+    speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
     size = SIZES.get(model.lower(), dict(micro_batch=32, tp=1))
     micro_batch = size["micro_batch"] if micro_batch < 0 else micro_batch
     tp = size["tp"] if tp < 0 else tp
@@ -404,7 +405,7 @@ def main(
         share_prefix = False  # branches need a mask flash-attention cannot take
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), eps=1e-8, weight_decay=weight_decay)  # as verl: all
-    n_params, peak = num_params(net), peak_flops(d.device)
+    peak = peak_flops(d.device, dtype)  # CPU: a matmul probe at this dtype, cached per machine
 
     # Rollout engine. vLLM starts on dummy weights and is filled from the actor before its first rollout; it pushes
     # again whenever its weights are not current (after each update, and after a sleep that discarded them).
@@ -590,10 +591,11 @@ def main(
                       for ep in eps for s in ep.samples)
         fmt_ok = sum(grading.format_ok(s.text) for ep in eps for s in ep.samples)
         count = dist.all_reduce_sum(len(lens))
-        # 6N per trained token (fwd+bwd), +2N for activation recompute, +2N each for the old and reference passes;
-        # generation is not counted (decoding is bound by memory bandwidth, not FLOPs)
-        passes = 3 + activation_checkpointing + (updates > 1) + (ref is not None)
-        flops = 2 * n_params * tok_trained * passes
+        # MFU of the update phase: fwd+bwd model FLOPs of the trained tokens over its time (rollout decoding is bound
+        # by memory bandwidth, not FLOPs; the no-grad old/ref passes and activation recompute are not counted)
+        seq = n_prompt_tok / max(1, len(eps)) + sum(lens) / max(1, len(lens))  # attended length: prompt + response
+        mfu = compute_mfu(tok_trained * flops_per_token(net, seq), dist.all_reduce_max(times["update"]), peak,
+                          d.world_size)
         r_sum, r_sq = dist.all_reduce_sum(float(rewards.sum())), dist.all_reduce_sum(float((rewards**2).sum()))
         metrics = {
             "reward": r_sum / count, "reward_std": math.sqrt(max(0.0, r_sq / count - (r_sum / count) ** 2)),
@@ -604,7 +606,7 @@ def main(
             "pg_loss": avg("pg_loss"), "clip_frac": avg("clip_frac"), "dual_clip_frac": avg("dual_clip_frac"),
             "kl": avg("kl") if kl_coef else None, "entropy": avg("entropy"), "grad_norm": max(norms),
             "lr": lr, "tokens_per_s": tok_trained / dt, "vllm_logprob_maxdiff": vllm_diff,
-            "mfu": flops / dt / (peak * d.world_size) if peak else None,
+            "mfu_update": mfu,
             **{f"time/{k}": dist.all_reduce_max(v) for k, v in times.items()}}
         line = None
         if step % log_every == 0 or step == total:
@@ -612,7 +614,7 @@ def main(
                     f"format {metrics['format']:.3f} | len {metrics['len_mean']:.0f}/{metrics['len_max']:.0f} | "
                     f"kl {fmt(metrics['kl']) if kl_coef else '-'} | clip {metrics['clip_frac']:.3f} | "
                     f"gnorm {metrics['grad_norm']:.3f} | tok/s {metrics['tokens_per_s']:.0f} | "
-                    f"mfu {fmt(100 * metrics['mfu']) + '%' if metrics['mfu'] else 'n/a'} | "
+                    f"mfu(update) {fmt(100 * mfu) + '%' if mfu else 'n/a'} | "
                     + " ".join(f"{k} {v:.1f}s" for k, v in times.items()))
         log.log(step, metrics, line)
 

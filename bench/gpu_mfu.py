@@ -5,8 +5,8 @@
 
 The model is built from the published Qwen2.5-VL-3B-Instruct architecture numbers (no download), sharded with
 common/fsdp.py exactly as sft.py does it (world of 1), and trained on packed rows of random token ids (plus random
-images when --images > 0) with the assistant-only loss code path. MFU = 6 N tokens/s / peak bf16 FLOP/s (N without
-embeddings; attention FLOPs are not counted, so this is the conservative figure).
+images when --images > 0) with the assistant-only loss code path. MFU = tokens/s x common.model.flops_per_token
+(6 N + 12 L d S, the vision tower not counted) / the GPU's dense bf16 peak.
 """
 
 import argparse
@@ -47,7 +47,7 @@ def main():
 
     from common import dist, forward, fsdp
     from common.log import peak_flops
-    from common.model import attn_implementation, model_class, num_params
+    from common.model import attn_implementation, flops_per_token, model_class, num_params
 
     d = dist.init(seed=0)
     assert d.device.type == "cuda", "this benchmark needs a GPU"
@@ -89,7 +89,7 @@ def main():
     dt = sum(times[2:]) / len(times[2:])
     tps = args.tokens / dt
     peak = peak_flops(d.device)
-    mfu = 6 * n_params * tps / peak if peak else float("nan")
+    mfu = tps * flops_per_token(model, per) / peak if peak else float("nan")
     print(f"{torch.cuda.get_device_name()} | attn {model.config._attn_implementation} | {args.tokens} tokens/row, "
           f"{args.samples} samples, {args.images} images | {n_params / 1e9:.2f} B params (no embeddings)")
     print(f"step {dt * 1000:.0f} ms | {tps:.0f} tokens/s | MFU {100 * mfu:.1f} % | peak memory "

@@ -1,4 +1,6 @@
-"""Run logging: one metric line per step, a JSONL file, optional wandb, PNG curves, MFU against peak FLOPs."""
+"""Run logging: one metric line per step, a JSONL file, optional wandb, PNG curves, MFU against peak FLOPs.
+
+FLOPs per token: common/model.py flops_per_token; the CPU peak: common/speed.py cpu_peak."""
 
 import json
 import os
@@ -7,6 +9,7 @@ import time
 
 import torch
 
+from common import dist, speed
 from common.data import repair_tail
 
 # Dense bf16 peak FLOP/s per GPU (vendor datasheets); MFU is reported only where the peak is known.
@@ -14,11 +17,30 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A8
              "A10G": 125e12, "L4": 121e12, "B200": 2250e12}
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
+def peak_flops(device: torch.device, dtype: str = "bf16") -> float | None:
+    """Peak FLOP/s of one device at the compute dtype. GPU: the datasheet's dense bf16 figure (fp16 is the same on
+    these parts; None for fp32 and unlisted GPUs). CPU: measured by a short matmul probe at `dtype`, once per machine
+    (common/speed.py, cached under .cache/peak_flops; the probe's shape and result are printed). Every rank must call
+    it: rank 0 probes while the others wait, so the probe does not compete with itself."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_BF16.items() if k in name), None) if dtype in ("bf16", "fp16") else None
+    if device.type != "cpu":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    if not dist.is_main():
+        dist.barrier()  # rank 0 writes the cache first; the others then read it
+    rec = speed.cpu_peak(dtype)
+    if dist.is_main():
+        dist.barrier()
+    return rec["flops_per_s"]
+
+
+def compute_mfu(flops: float, seconds: float, peak: float | None, world_size: int = 1) -> float | None:
+    """Model FLOPs utilisation: `flops` done by all ranks in `seconds` of wall time over `world_size` devices of
+    `peak` FLOP/s each (a fraction, 0.42 = 42 %); None when the peak is unknown or no time passed."""
+    if not peak or seconds <= 0:
+        return None
+    return flops / seconds / (peak * world_size)
 
 
 def git_sha() -> str:

@@ -116,11 +116,26 @@ def num_params(model, exclude_embeddings: bool = True) -> int:
     return n
 
 
-def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N (matmuls, fwd+bwd) + 12 * layers * hidden * seq (attention scores), as in PaLM."""
-    text, _, _ = forward.parts(model)
+def flops_per_token(model, seq_len: float, passes: int = 3) -> float:
+    """Matmul FLOPs per text token for `passes` forward-pass equivalents: passes * (2 N + 4 L d S). The one place the
+    FLOP count lives (sft.py, grpo.py and bench/gpu_mfu.py all use it). Units: FLOPs (not FLOP/s) per token.
+
+    passes: 3 = forward + backward (the backward costs two forwards), 1 = a no-grad scoring pass. Activation recompute
+    is not counted: MFU counts model FLOPs, not hardware FLOPs (PaLM's definition).
+    N: the weights every text token is multiplied by, i.e. the decoder blocks plus lm_head (counted even when tied to
+    the embedding table, whose lookup is free). The vision tower runs on patches, not text tokens, and is left out,
+    so MFU on image rows is a lower bound. 2 N = one multiply-add per weight.
+    4 L d S: QK^T and AV against S attended positions in each of L layers, d = heads x head_dim, counted in full as
+    PaLM does (a causal mask needs about half). seq_len S: the attended length (for packed rows, the token-weighted
+    mean segment length). Norms, rotary, softmax and the loss are not counted.
+    With passes=3 this is 6 N + 12 L d S. Sources: Kaplan et al. 2020, "Scaling Laws for Neural Language Models"
+    (arXiv 2001.08361) sec. 2.1 for 6 N; Chowdhery et al. 2022, "PaLM" (arXiv 2204.02311) appendix B for the
+    attention term and the MFU definition."""
+    text, _, head = forward.parts(model)
     cfg = text.config
-    return 6 * num_params(model) + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+    n = sum(p.numel() for p in text.layers.parameters()) + head.weight.numel()
+    d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    return passes * (2 * n + 4 * cfg.num_hidden_layers * d_attn * seq_len)
 
 
 def read_meta(folder: str) -> dict:
