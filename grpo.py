@@ -240,6 +240,229 @@ def split_by_response(packed: forward.Packed, lp, ent) -> list:
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# The stages of a step, as functions of explicit arguments (main below is the loop that calls them in order)
+
+
+def usable_rows(rows, max_prompt_length: int) -> tuple[list, dict]:
+    """Indices of the rows whose text fields parse and whose known prompt length fits, and {reason: count} for the
+    rest (images are read when a row is used)."""
+    usable, skipped = [], {}
+    text_cols = [c for c in rows.column_names if c != "images"]
+    for i, row in enumerate(rows.select_columns(text_cols)):
+        try:
+            parse_row(row, need_images=False)
+            if row.get("prompt_tokens") is not None and row["prompt_tokens"] > max_prompt_length:
+                raise RowError("prompt too long")
+            usable.append(i)
+        except RowError as e:
+            key = str(e).split(":")[0][:60]
+            skipped[key] = skipped.get(key, 0) + 1
+    return usable, skipped
+
+
+def step_rows(step: int, usable: list, steps_per_epoch: int, train_batch: int, shuffle: bool, data_seed: int) -> list:
+    """The `train_batch` row indices of a step, all ranks together: each epoch is a seeded permutation (or the stored
+    easy-to-hard order when not shuffled), cut into consecutive steps (drop_last, as verl's sampler)."""
+    epoch, k = divmod(step, steps_per_epoch)
+    order = random.Random(data_seed * 1_000_003 + epoch).sample(usable, len(usable)) if shuffle else usable
+    return order[k * train_batch : (k + 1) * train_batch]
+
+
+def make_episodes(rows, idx: list, root: str, processor, tokenizer, max_prompt_length: int, src: str) -> list:
+    """One Episode per row index, its prompt rendered and tokenised; a row that became unusable stops the run."""
+    eps = []
+    for i in idx:
+        try:
+            item = parse_row(rows[i], root)
+        except RowError as e:  # data_prep.py validates images; a file broken since then stops the run here
+            raise SystemExit(f"row {i} of {src}: {e}") from None
+        if item.images and processor is None:
+            raise SystemExit(f"row {i} of {src} has images but the model is text-only")
+        p = Prompt(prompts.render(processor if processor is not None else tokenizer, prompts.messages(
+            item.question, item.options, len(item.images), processor is not None)), item.images)
+        encode(processor, tokenizer, p)
+        if len(p.segment.ids) > max_prompt_length:
+            raise SystemExit(f"row {i}: prompt of {len(p.segment.ids)} tokens > max_prompt_length "
+                             f"{max_prompt_length} (filter with data_prep.py)")
+        eps.append(Episode(item, p))
+    return eps
+
+
+def sharded_model(name: str, device, dtype: str, attn: str, offload: bool, ckpt: bool, freeze: bool,
+                  trust_remote_code: bool):
+    """Built on meta, FSDP2-sharded per block, weights filled from rank 0 (common/fsdp.py)."""
+    m = build_meta(name, dtype="fp32", attn=attn, trust_remote_code=trust_remote_code)
+    fsdp.shard(m, param_dtype=dtype, cpu_offload=offload, activation_checkpointing=ckpt, freeze_vision=freeze)
+    fsdp.load_from_rank0(m, name, device, trust_remote_code)
+    return m
+
+
+def rollout(llm, net, eps: list, seeds: list, sampling: dict, tp: int, d) -> list:
+    """[[Sample] * n] per episode. The HF engine generates with the actor's gathered weights; the vLLM engine with
+    its own (pushed after each update) and then releases its memory for the update. Every rank of a vLLM
+    tensor-parallel group must submit the same prompts, so the group generates its ranks' prompts together."""
+    if isinstance(llm, HFEngine):
+        net.eval()  # no activation checkpointing during generation (it would disable the KV cache)
+        with torch.no_grad(), fsdp.gathered(net):
+            outs = llm.generate([ep.prompt for ep in eps], **sampling, seeds=seeds)
+        net.train()
+        return outs
+    if tp == 1:
+        outs = llm.generate([ep.prompt for ep in eps], **sampling, seeds=seeds, logprobs=True)
+    else:
+        group = d.rank // tp
+        peers = list(range(group * tp, (group + 1) * tp))
+        everyone = dist.all_gather_objects([(ep.prompt.text, ep.prompt.images, s) for ep, s in zip(eps, seeds)])
+        mine = [x for r in peers for x in everyone[r]]
+        outs = llm.generate([Prompt(t, im) for t, im, _ in mine], **sampling, seeds=[s for _, _, s in mine],
+                            logprobs=True)
+        start = sum(len(everyone[r]) for r in peers if r < d.rank)
+        outs = outs[start : start + len(eps)]
+    llm.release()
+    return outs
+
+
+def validate(llm, net, val_data: str, val_limit: int, seed: int, new_tokens: int, processor, tokenizer, tp: int,
+             d) -> dict:
+    """Greedy accuracy (the paper's lenient grader) and strict reward on the first `val_limit` items, split over
+    ranks. Rows that cannot be graded here (bad rows, image items for a text-only policy) are counted, not graded."""
+    vrows = load_rows(val_data, "test")
+    vroot = data_root(val_data)
+    eps, skipped = [], 0
+    for i in range(d.rank, min(len(vrows), val_limit), d.world_size):
+        try:
+            it = parse_row(vrows[i], vroot)
+        except RowError:
+            skipped += 1  # bad rows are data_prep.py's to report
+            continue
+        if it.images and processor is None:
+            skipped += 1
+            continue
+        eps.append(Episode(it, Prompt(prompts.render(processor if processor is not None else tokenizer,
+                                                     prompts.messages(it.question, it.options, len(it.images),
+                                                                      processor is not None)), it.images)))
+    outs = rollout(llm, net, eps, [row_seed(seed, ep.item.dataset_index) for ep in eps],
+                   dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=new_tokens), tp, d)
+    acc = sum(grading.lenient_correct(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
+    rew = sum(grading.strict_reward(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
+    cnt, acc, rew, skipped = dist.all_reduce_many([len(eps), acc, rew, skipped])
+    return {"val/acc": acc / max(1, cnt), "val/reward": rew / max(1, cnt), "val/items": cnt, "val/skipped": skipped}
+
+
+def score(eps: list, reward_fn, G: int, max_new_tokens: int, overlong_buffer: int, overlong_factor: float,
+          norm_std: bool, adv_eps: float, drop_zero_var: bool, mask_truncated: bool) -> tuple[torch.Tensor, int]:
+    """Rewards (+ the optional overlong penalty), group advantages and loss masks, written into the episodes.
+    Returns the (B*G,) rewards and the number of groups whose rewards are all equal."""
+    for ep in eps:
+        for s in ep.samples:
+            r = reward_fn(s.text, ep.item, s.token_ids)
+            r = 0.0 if r is None else float(r)
+            ep.rewards.append(r + overlong_penalty(len(s.token_ids), max_new_tokens, overlong_buffer, overlong_factor))
+    rewards = torch.tensor([r for ep in eps for r in ep.rewards])
+    adv = group_advantages(rewards, G, norm_std, adv_eps).view(len(eps), G)
+    zero_var = 0
+    for g, ep in enumerate(eps):
+        ep.advantages = adv[g].tolist()
+        flat = len(set(ep.rewards)) == 1
+        zero_var += flat
+        ep.loss_mask = [not (drop_zero_var and flat) and not (mask_truncated and s.finish_reason == "length")
+                        for s in ep.samples]
+    return rewards, zero_var
+
+
+def update(net, opt, params: list, eps: list, old, refs, G: int, updates: int, local_mb: int, micro_groups: int,
+           share_prefix: bool, temperature: float, algo: dict, grad_clip: float, step: int, d):
+    """`updates` optimizer steps, one per mini-batch of `local_mb` groups on this rank, each accumulated over
+    micro-batches of whole groups with the mini-batch's global normaliser. Returns (per-micro-batch stats, grad
+    norms, whether every update was finite); a non-finite update is skipped."""
+    stats, norms, ok = [], [], True
+    for u in range(updates):
+        mb = list(range(u * local_mb, (u + 1) * local_mb))
+        mask_tok = sum(len(eps[g].samples[j].token_ids) for g in mb for j in range(G) if eps[g].loss_mask[j])
+        mask_seq = sum(eps[g].loss_mask[j] for g in mb for j in range(G))
+        normaliser = max(1.0, dist.all_reduce_sum(mask_tok if algo["loss_agg"] == "token-mean" else mask_seq))
+        micro = [mb[i : i + micro_groups] for i in range(0, len(mb), micro_groups)]
+        for k, chunk in enumerate(micro):
+            net.set_requires_gradient_sync(k == len(micro) - 1)
+            flat = [(g, j) for g in chunk for j in range(G)]
+            loss, met, ntok = micro_loss(
+                net, [eps[g] for g in chunk], [old[g * G + j][0] for g, j in flat] if old is not None else None,
+                [refs[g * G + j][0] for g, j in flat] if refs is not None else None, normaliser, d.device,
+                share_prefix, temperature, algo)
+            (loss * poison("grpo_loss", step)).backward()
+            stats.append((ntok, met, float(loss.detach())))
+        norm = fsdp.clip_grad_norm_(params, grad_clip) * poison("grpo_grad", step)
+        norms.append(float(norm))
+        if not math.isfinite(float(norm)):
+            opt.zero_grad(set_to_none=True)
+            ok = False
+            continue
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return stats, norms, ok
+
+
+def engine_logprob_diff(net, eps: list, old, G: int, device, share_prefix: bool, temperature: float):
+    """Largest |trainer - engine| log-prob over the first group's sampled tokens, all ranks (vLLM rollouts only):
+    the check that the engine generated with the trainer's weights."""
+    diff = -1.0
+    if eps and eps[0].samples and eps[0].samples[0].logprobs:
+        mine = old[:G] if old is not None else episode_logprobs(net, eps[:1], device, 1, share_prefix, temperature)
+        diff = max([float((lp.cpu() - torch.tensor(s.logprobs[: len(lp)])).abs().max())
+                    for (lp, _), s in zip(mine, eps[0].samples) if len(lp)] or [0.0])
+    diff = dist.all_reduce_max(diff)
+    return diff if diff >= 0 else None
+
+
+def step_metrics(eps: list, rewards, stats: list, norms: list, zero_var: int, times: dict, dt: float, vllm_diff,
+                 share_prefix: bool, net, peak, lr: float, kl_coef: float, d) -> dict:
+    """The step's metrics over all ranks, in two reductions (one sum, one max)."""
+    samples = [(ep, s) for ep in eps for s in ep.samples]
+    lens = [len(s.token_ids) for _, s in samples]
+    n_prompt_tok = sum(len(ep.prompt.segment.ids) for ep in eps)
+    G = len(eps[0].samples) if eps else 1
+    w = sum(st[0] for st in stats)
+    keys = ["pg_loss", "clip_frac", "dual_clip_frac", "kl", "entropy"]
+    sums = dist.all_reduce_many([
+        float(rewards.sum()), float((rewards**2).sum()), len(lens), sum(lens),
+        sum(grading.lenient_correct(s.text, ep.item.answer, ep.item.answer_label) for ep, s in samples),
+        sum(grading.format_ok(s.text) for _, s in samples), sum(s.finish_reason == "length" for _, s in samples),
+        zero_var, len(eps), sum(lens) + (n_prompt_tok if share_prefix else n_prompt_tok * G), w,
+        *[sum(st[0] * st[1].get(k, 0.0) for st in stats) for k in keys]])
+    r_sum, r_sq, count, len_sum, correct, fmt_ok, truncated, zero_var, groups, tok_trained, w = sums[:11]
+    avg = dict(zip(keys, [v / max(1, w) for v in sums[11:]]))
+    tmax = dict(zip(["len_max", *times], dist.all_reduce_many([max(lens, default=0), *times.values()], max_=True)))
+    # MFU of the update phase: fwd+bwd model FLOPs of the trained tokens over its time (rollout decoding is bound by
+    # memory bandwidth, not FLOPs; the no-grad old/ref passes and activation recompute are not counted)
+    seq = n_prompt_tok / max(1, len(eps)) + len_sum / max(1, count)  # attended length: prompt + response
+    mfu = compute_mfu(tok_trained * flops_per_token(net, seq), tmax["update"], peak, d.world_size)
+    return {
+        "reward": r_sum / count, "reward_std": math.sqrt(max(0.0, r_sq / count - (r_sum / count) ** 2)),
+        "acc": correct / count, "format": fmt_ok / count, "len_mean": len_sum / count, "len_max": tmax["len_max"],
+        "truncated": truncated / count, "frac_zero_std": zero_var / groups,
+        "pg_loss": avg["pg_loss"], "clip_frac": avg["clip_frac"], "dual_clip_frac": avg["dual_clip_frac"],
+        "kl": avg["kl"] if kl_coef else None, "entropy": avg["entropy"], "grad_norm": max(norms),
+        "lr": lr, "tokens_per_s": tok_trained / dt, "vllm_logprob_maxdiff": vllm_diff, "mfu_update": mfu,
+        **{f"time/{k}": tmax[k] for k in times}}
+
+
+def save(out: str, step: int, fresh: bool, net, opt, processor, tokenizer, user_config: dict, dtype: str, d) -> None:
+    """A DCP checkpoint (not rewritten for the step a run resumed from) and an HF export, then `final` -> it."""
+    name = f"step_{step:06d}"
+    if fresh:
+        checkpoint.save(os.path.join(out, "ckpt"), step, net, opt, {"user_config": user_config})
+    if fresh or not os.path.exists(os.path.join(out, name, "meta.json")):  # a kill may have cut the export
+        checkpoint.export_hf(net, os.path.join(out, name), processor, tokenizer,
+                             {"stage": "grpo", "step": step, "user_config": user_config, "git": git_sha()},
+                             dtype=torch.bfloat16 if dtype == "bf16" else None)
+    if d.is_main:
+        link = os.path.join(out, "final")
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(name, link)
+
+
+# -----------------------------------------------------------------------------------------------------------------
 
 
 def main(
@@ -334,6 +557,8 @@ def main(
     updates = train_batch // mini_batch
     local_prompts, local_mb = train_batch // d.world_size, mini_batch // d.world_size
     micro_groups = max(1, micro_batch // G)
+    algo = dict(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c, kl_coef=kl_coef, kl_type=kl_type,
+                loss_agg=loss_agg, entropy_coef=entropy_coef, max_len=max_new_tokens)
     checkpoint.check_output(out)
     if d.is_main:
         write_json(os.path.join(out, "config.json"), {**user_config, "engine": engine, "tp": tp, "epochs": epochs,
@@ -346,19 +571,8 @@ def main(
     # Data: text fields validated up front; unusable rows are skipped and counted
     rows = load_rows(src, split)
     processor, tokenizer = load_processor(model, trust_remote_code)
-    owner = processor if processor is not None else tokenizer
     root = data_root(src)
-    usable, skipped = [], {}
-    text_cols = [c for c in rows.column_names if c != "images"]
-    for i, row in enumerate(rows.select_columns(text_cols)):
-        try:
-            parse_row(row, need_images=False)
-            if row.get("prompt_tokens") is not None and row["prompt_tokens"] > max_prompt_length:
-                raise RowError("prompt too long")
-            usable.append(i)
-        except RowError as e:
-            key = str(e).split(":")[0][:60]
-            skipped[key] = skipped.get(key, 0) + 1
+    usable, skipped = usable_rows(rows, max_prompt_length)
     steps_per_epoch = len(usable) // train_batch  # drop_last, as verl
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(usable)} usable prompts cannot fill one step of {train_batch}")
@@ -366,41 +580,15 @@ def main(
     if skipped:
         dist.print0(f"skipped rows: {skipped}")
 
-    def episodes_for(step: int) -> list:
-        epoch, k = divmod(step, steps_per_epoch)
-        order = random.Random(data_seed * 1_000_003 + epoch).sample(usable, len(usable)) if shuffle else usable
-        mine = order[k * train_batch : (k + 1) * train_batch][d.rank * local_prompts : (d.rank + 1) * local_prompts]
-        eps = []
-        for i in mine:
-            try:
-                item = parse_row(rows[i], root)
-            except RowError as e:  # data_prep.py validates images; a file broken since then stops the run here
-                raise SystemExit(f"row {i} of {src}: {e}") from None
-            if item.images and processor is None:
-                raise SystemExit(f"row {i} has images but {model} is a text-only model")
-            text = prompts.render(owner, prompts.messages(item.question, item.options, len(item.images),
-                                                          processor is not None))
-            p = Prompt(text, item.images)
-            encode(processor, tokenizer, p)
-            if len(p.segment.ids) > max_prompt_length:
-                raise SystemExit(f"row {i}: prompt of {len(p.segment.ids)} tokens > max_prompt_length "
-                                 f"{max_prompt_length} (filter with data_prep.py)")
-            eps.append(Episode(item, p))
-        return eps
-
     # Models: actor (FSDP2, trained), reference (FSDP2, frozen; only when kl_coef != 0)
-    def sharded(name, offload, ckpt, freeze):
-        m = build_meta(name, dtype="fp32", attn=attn, trust_remote_code=trust_remote_code)
-        fsdp.shard(m, param_dtype=dtype, cpu_offload=offload, activation_checkpointing=ckpt, freeze_vision=freeze)
-        fsdp.load_from_rank0(m, name, d.device, trust_remote_code)
-        return m
-
-    net = sharded(model, cpu_offload, activation_checkpointing, freeze_vision)
+    net = sharded_model(model, d.device, dtype, attn, cpu_offload, activation_checkpointing, freeze_vision,
+                        trust_remote_code)
     checkpoint.check_output(out, int(min_free_gb * 2**30) if min_free_gb >= 0 else
                             checkpoint.checkpoint_bytes(net, d.world_size))
-    ref = sharded(ref_model or model, ref_offload, False, False).eval() if kl_coef != 0 else None
-    if ref is not None:
-        ref.requires_grad_(False)
+    ref = None
+    if kl_coef != 0:
+        ref = sharded_model(ref_model or model, d.device, dtype, attn, ref_offload, False, False, trust_remote_code)
+        ref.eval().requires_grad_(False)
     if forward.parts(net)[0].config._attn_implementation == "flash_attention_2" and share_prefix:
         share_prefix = False  # branches need a mask flash-attention cannot take
     params = [p for p in net.parameters() if p.requires_grad]
@@ -417,43 +605,7 @@ def main(
                          weight_source=lambda: fsdp.full_params(net))
     else:
         llm = HFEngine(net, processor, tokenizer, batch_size=rollout_batch, synced=d.world_size > 1)
-
-    def rollout(eps, step, greedy=False, new_tokens=max_new_tokens, group=G):
-        seeds = [row_seed(row_seed(seed, step), ep.item.dataset_index) for ep in eps]
-        kw = dict(n=group, temperature=0.0 if greedy else temperature, top_p=top_p, max_new_tokens=new_tokens,
-                  seeds=seeds)
-        if engine == "vllm":
-            outs = rollout_vllm(llm, eps, kw, tp, d)
-        else:
-            net.eval()  # no activation checkpointing during generation (it would disable the KV cache)
-            with torch.no_grad(), fsdp.gathered(net):
-                outs = llm.generate([ep.prompt for ep in eps], **kw)
-            net.train()
-        return outs
-
-    def validate(step):
-        vrows = load_rows(val_data, "test")
-        vroot = data_root(val_data)
-        idx = list(range(min(len(vrows), val_limit)))
-        mine = idx[d.rank :: d.world_size]
-        eps, skipped = [], 0
-        for i in mine:
-            try:
-                it = parse_row(vrows[i], vroot)
-            except RowError:
-                skipped += 1  # bad rows are data_prep.py's to report; here they are counted, not graded
-                continue
-            if it.images and processor is None:
-                skipped += 1  # a text-only policy cannot see image items
-                continue
-            eps.append(Episode(it, Prompt(prompts.render(owner, prompts.messages(
-                it.question, it.options, len(it.images), processor is not None)), it.images)))
-        outs = rollout(eps, -1 - step, greedy=True, new_tokens=val_max_new_tokens, group=1)
-        acc = sum(grading.lenient_correct(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
-        rew = sum(grading.strict_reward(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
-        cnt = dist.all_reduce_sum(len(eps))
-        return {"val/acc": dist.all_reduce_sum(acc) / max(1, cnt), "val/reward": dist.all_reduce_sum(rew) / max(1, cnt),
-                "val/items": cnt, "val/skipped": dist.all_reduce_sum(skipped)}
+    sampling = dict(n=G, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
 
     # Resume
     step = 0
@@ -471,51 +623,31 @@ def main(
         last_step = step >= total
         if val_data and val_every and (last_step or (step % val_every == 0 and (step > 0 or val_before_train))) \
                 and not (step == start_step and step > 0):
-            v = validate(step)
+            v = validate(llm, net, val_data, val_limit, row_seed(seed, -1 - step), val_max_new_tokens, processor,
+                         tokenizer, tp, d)
             log.log(step, v, f"step {step:05d} | val acc {v['val/acc']:.4f} | val reward {v['val/reward']:.4f} "
                              f"({int(v['val/items'])} items, {int(v['val/skipped'])} skipped)")
-        fresh = step != start_step  # the checkpoint we resumed from is not written again
-        name = f"step_{step:06d}"
         if step > 0 and (last_step or (save_every and step % save_every == 0)):
-            if fresh:
-                checkpoint.save(os.path.join(out, "ckpt"), step, net, opt, {"user_config": user_config})
-            if fresh or not os.path.exists(os.path.join(out, name, "meta.json")):  # a kill may have cut the export
-                checkpoint.export_hf(net, os.path.join(out, name), processor, tokenizer,
-                                     {"stage": "grpo", "step": step, "user_config": user_config, "git": git_sha()},
-                                     dtype=torch.bfloat16 if dtype == "bf16" else None)
-            if d.is_main:
-                link = os.path.join(out, "final")
-                if os.path.lexists(link):
-                    os.remove(link)
-                os.symlink(name, link)
+            save(out, step, step != start_step, net, opt, processor, tokenizer, user_config, dtype, d)
         if last_step:
             break
         crash_point("grpo_step")
         times, t0 = {}, time.time()
 
         # 1. rollouts
-        eps = episodes_for(step)
-        for ep, samples in zip(eps, rollout(eps, step)):
+        idx = step_rows(step, usable, steps_per_epoch, train_batch, shuffle, data_seed)
+        eps = make_episodes(rows, idx[d.rank * local_prompts : (d.rank + 1) * local_prompts], root, processor,
+                            tokenizer, max_prompt_length, src)
+        outs = rollout(llm, net, eps, [row_seed(row_seed(seed, step), ep.item.dataset_index) for ep in eps],
+                       sampling, tp, d)
+        for ep, samples in zip(eps, outs):
             ep.samples = samples
         times["rollout"] = time.time() - t0
 
         # 2. rewards and group advantages
         t = time.time()
-        for ep in eps:
-            for s in ep.samples:
-                r = reward_fn(s.text, ep.item, s.token_ids)
-                r = 0.0 if r is None else float(r)
-                ep.rewards.append(r + overlong_penalty(len(s.token_ids), max_new_tokens, overlong_buffer,
-                                                       overlong_penalty_factor))
-        rewards = torch.tensor([r for ep in eps for r in ep.rewards])
-        adv = group_advantages(rewards, G, norm_std, adv_eps).view(len(eps), G)
-        zero_var = 0
-        for g, ep in enumerate(eps):
-            ep.advantages = adv[g].tolist()
-            flat = len(set(ep.rewards)) == 1
-            zero_var += flat
-            ep.loss_mask = [not (drop_zero_var and flat) and not (mask_truncated and s.finish_reason == "length")
-                            for s in ep.samples]
+        rewards, zero_var = score(eps, reward_fn, G, max_new_tokens, overlong_buffer, overlong_penalty_factor,
+                                  norm_std, adv_eps, drop_zero_var, mask_truncated)
         times["reward"] = time.time() - t
 
         # 3. old (only if several updates share these rollouts) and reference log-probs, no grad
@@ -525,42 +657,13 @@ def main(
         t = time.time()
         refs = episode_logprobs(ref, eps, d.device, micro_groups, share_prefix, temperature) if ref is not None else None
         times["ref"] = time.time() - t
-        vllm_diff = None
-        if engine == "vllm" and eps and eps[0].samples and eps[0].samples[0].logprobs:  # trainer vs engine, a few tokens
-            mine_lp = old[:G] if old is not None else episode_logprobs(net, eps[:1], d.device, 1, share_prefix,
-                                                                        temperature)
-            vllm_diff = max([float((lp.cpu() - torch.tensor(s.logprobs[: len(lp)])).abs().max())
-                             for (lp, _), s in zip(mine_lp, eps[0].samples) if len(lp)] or [0.0])
-            vllm_diff = dist.all_reduce_max(vllm_diff)
+        vllm_diff = engine_logprob_diff(net, eps, old, G, d.device, share_prefix, temperature) \
+            if engine == "vllm" else None
 
         # 4. updates: one per mini-batch, micro-batches of whole groups, global normalisers
         t = time.time()
-        stats, norms, step_ok = [], [], True
-        for u in range(updates):
-            mb = list(range(u * local_mb, (u + 1) * local_mb))
-            mask_tok = sum(len(eps[g].samples[j].token_ids) for g in mb for j in range(G) if eps[g].loss_mask[j])
-            mask_seq = sum(eps[g].loss_mask[j] for g in mb for j in range(G))
-            normaliser = max(1.0, dist.all_reduce_sum(mask_tok if loss_agg == "token-mean" else mask_seq))
-            micro = [mb[i : i + micro_groups] for i in range(0, len(mb), micro_groups)]
-            for k, chunk in enumerate(micro):
-                net.set_requires_gradient_sync(k == len(micro) - 1)
-                flat = [(g, j) for g in chunk for j in range(G)]
-                loss, met, ntok = micro_loss(
-                    net, [eps[g] for g in chunk], [old[g * G + j][0] for g, j in flat] if old is not None else None,
-                    [refs[g * G + j][0] for g, j in flat] if refs is not None else None, normaliser, d.device,
-                    share_prefix, temperature, dict(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c,
-                                                    kl_coef=kl_coef, kl_type=kl_type, loss_agg=loss_agg,
-                                                    entropy_coef=entropy_coef, max_len=max_new_tokens))
-                (loss * poison("grpo_loss", step)).backward()
-                stats.append((ntok, met, float(loss.detach())))
-            norm = fsdp.clip_grad_norm_(params, grad_clip) * poison("grpo_grad", step)
-            norms.append(float(norm))
-            if not math.isfinite(float(norm)):
-                opt.zero_grad(set_to_none=True)
-                step_ok = False
-                continue
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        stats, norms, step_ok = update(net, opt, params, eps, old, refs, G, updates, local_mb, micro_groups,
+                                       share_prefix, temperature, algo, grad_clip, step, d)
         times["update"] = time.time() - t
         if not step_ok:
             bad += 1
@@ -580,78 +683,28 @@ def main(
         step += 1
 
         # 6. one line per step
-        dt = time.time() - t0
-        lens = [len(s.token_ids) for ep in eps for s in ep.samples]
-        n_prompt_tok = sum(len(ep.prompt.segment.ids) for ep in eps)
-        tok_trained = dist.all_reduce_sum(sum(lens) + (n_prompt_tok if share_prefix else n_prompt_tok * G))
-        w = sum(s[0] for s in stats) or 1
-        avg = lambda k: dist.all_reduce_sum(sum(s[0] * s[1].get(k, 0.0) for s in stats)) / max(  # noqa: E731
-            1, dist.all_reduce_sum(w))
-        correct = sum(grading.lenient_correct(s.text, ep.item.answer, ep.item.answer_label)
-                      for ep in eps for s in ep.samples)
-        fmt_ok = sum(grading.format_ok(s.text) for ep in eps for s in ep.samples)
-        count = dist.all_reduce_sum(len(lens))
-        # MFU of the update phase: fwd+bwd model FLOPs of the trained tokens over its time (rollout decoding is bound
-        # by memory bandwidth, not FLOPs; the no-grad old/ref passes and activation recompute are not counted)
-        seq = n_prompt_tok / max(1, len(eps)) + sum(lens) / max(1, len(lens))  # attended length: prompt + response
-        mfu = compute_mfu(tok_trained * flops_per_token(net, seq), dist.all_reduce_max(times["update"]), peak,
-                          d.world_size)
-        r_sum, r_sq = dist.all_reduce_sum(float(rewards.sum())), dist.all_reduce_sum(float((rewards**2).sum()))
-        metrics = {
-            "reward": r_sum / count, "reward_std": math.sqrt(max(0.0, r_sq / count - (r_sum / count) ** 2)),
-            "acc": dist.all_reduce_sum(correct) / count, "format": dist.all_reduce_sum(fmt_ok) / count,
-            "len_mean": dist.all_reduce_sum(sum(lens)) / count, "len_max": dist.all_reduce_max(max(lens)),
-            "truncated": dist.all_reduce_sum(sum(s.finish_reason == "length" for ep in eps for s in ep.samples)) / count,
-            "frac_zero_std": dist.all_reduce_sum(zero_var) / dist.all_reduce_sum(len(eps)),
-            "pg_loss": avg("pg_loss"), "clip_frac": avg("clip_frac"), "dual_clip_frac": avg("dual_clip_frac"),
-            "kl": avg("kl") if kl_coef else None, "entropy": avg("entropy"), "grad_norm": max(norms),
-            "lr": lr, "tokens_per_s": tok_trained / dt, "vllm_logprob_maxdiff": vllm_diff,
-            "mfu_update": mfu,
-            **{f"time/{k}": dist.all_reduce_max(v) for k, v in times.items()}}
+        metrics = step_metrics(eps, rewards, stats, norms, zero_var, times, time.time() - t0, vllm_diff,
+                               share_prefix, net, peak, lr, kl_coef, d)
         line = None
         if step % log_every == 0 or step == total:
             line = (f"step {step:05d}/{total:05d} | reward {metrics['reward']:.3f} | acc {metrics['acc']:.3f} | "
                     f"format {metrics['format']:.3f} | len {metrics['len_mean']:.0f}/{metrics['len_max']:.0f} | "
                     f"kl {fmt(metrics['kl']) if kl_coef else '-'} | clip {metrics['clip_frac']:.3f} | "
                     f"gnorm {metrics['grad_norm']:.3f} | tok/s {metrics['tokens_per_s']:.0f} | "
-                    f"mfu(update) {fmt(100 * mfu) + '%' if mfu else 'n/a'} | "
+                    f"mfu(update) {fmt(100 * metrics['mfu_update']) + '%' if metrics['mfu_update'] else 'n/a'} | "
                     + " ".join(f"{k} {v:.1f}s" for k, v in times.items()))
         log.log(step, metrics, line)
 
     # Final summary
     if d.is_main:
-        rows_ = log.read()
-        plot_curves(rows_, ["reward", "acc", "format", "len_mean", "kl", "val/acc"], os.path.join(out, "curves.png"),
-                    f"grpo {model} on {data}")
+        plot_curves(log.read(), ["reward", "acc", "format", "len_mean", "kl", "val/acc"],
+                    os.path.join(out, "curves.png"), f"grpo {model} on {data}")
         print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; HF folder {os.path.join(out, 'final')}",
               flush=True)
     log.finish()
     if engine == "vllm":
         llm.shutdown()
     dist.cleanup()
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# vLLM plumbing (the engine itself, its weight state and sleep/wake: common/generate.py VLLMEngine)
-
-
-def rollout_vllm(llm, eps, kw, tp, d) -> list:
-    """Generate on the colocated engine, then release its memory for the update. Every rank of a tensor-parallel
-    group must submit the same prompts, so the group generates its ranks' prompts together (the data order is known
-    everywhere: no communication needed beyond the gather of prompts)."""
-    if tp == 1:
-        outs = llm.generate([ep.prompt for ep in eps], **kw, logprobs=True)
-    else:
-        group = d.rank // tp
-        peers = list(range(group * tp, (group + 1) * tp))
-        everyone = dist.all_gather_objects([(ep.prompt.text, ep.prompt.images, s) for ep, s in zip(eps, kw["seeds"])])
-        mine = [x for r in peers for x in everyone[r]]
-        outs = llm.generate([Prompt(t, im) for t, im, _ in mine], **{**kw, "seeds": [s for _, _, s in mine]},
-                            logprobs=True)
-        start = sum(len(everyone[r]) for r in peers if r < d.rank)
-        outs = outs[start : start + len(eps)]
-    llm.release()
-    return outs
 
 
 if __name__ == "__main__":

@@ -109,6 +109,17 @@ def all_reduce_min(x: float) -> float:
     return _reduce(x, dist.ReduceOp.MIN)
 
 
+def all_reduce_many(values: list, max_: bool = False) -> list[float]:
+    """Sum (max_=False) or max of each of several numbers over all ranks, in one float64 collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if max_ else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def all_gather_objects(obj) -> list:
     """Every rank's python object, in rank order (small things only: metadata, counters, records)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
