@@ -24,9 +24,10 @@ from collections import Counter, defaultdict
 import numpy as np
 from tqdm import tqdm
 
-from common import checkpoint, cli, dist, grading, prompts
+from common import cli, dist, grading, prompts
+from common.data import RowError, data_root, load_rows, parse_row
 from common.faults import crash_point
-from common.data import RowError, data_root, load_rows, parse_row, repair_tail, write_json
+from common.files import atomic_file, check_output, read_jsonl, repair_tail, write_json, write_jsonl
 from common.generate import HFEngine, Prompt, VLLMEngine, row_seed
 from common.model import load_model, load_processor, resolve
 
@@ -145,9 +146,9 @@ def plot(summary: dict, path: str, title: str) -> None:
     ax.set_ylim(0, 105)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 def grade_record(rec: dict, options: dict) -> dict:
@@ -167,17 +168,15 @@ def bench_order(name: str) -> tuple:
 
 
 def read_records(folder: str) -> list:
-    """All per-sample records in a result folder (merged file and per-rank shards), de-duplicated, sorted."""
+    """All per-sample records in a result folder (merged file and per-rank shards), de-duplicated, sorted.
+    Unreadable lines are skipped and reported: the batch they belonged to counts as not done and is generated again."""
     seen = {}
     for path in sorted(glob.glob(os.path.join(folder, "items*.jsonl"))):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        r = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by a kill: its batch is redone
-                    seen[(r["dataset_name"], r["dataset_index"], r["run"], r["sample"])] = r
+        records, bad = read_jsonl(path)
+        if bad:
+            dist.print0(f"{path}: {len(bad)} unreadable line(s) skipped, e.g. {bad[0]}")
+        for r in records:
+            seen[(r["dataset_name"], r["dataset_index"], r["run"], r["sample"])] = r
     return [seen[k] for k in sorted(seen, key=lambda k: (bench_order(k[0]), k[1], k[2], k[3]))]
 
 
@@ -227,7 +226,7 @@ def main(
     path = resolve(model)  # a folder's own name (through links: outputs/x/final -> epoch_3), else the hub id's tail
     name = name or os.path.basename((os.path.realpath(path) if os.path.exists(path) else path).rstrip("/"))
     out = out or os.path.join("outputs", "eval", name)
-    checkpoint.check_output(out)
+    check_output(out)
     if d.is_main:
         write_json(os.path.join(out, "config.json"), user_config)
     dist.barrier()
@@ -258,8 +257,7 @@ def main(
         except RowError as e:
             rejects.append({"row": i, "dataset_name": bench, "dataset_index": row.get("dataset_index"), "reason": str(e)})
     if d.is_main:
-        with open(os.path.join(out, "rejects.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rejects)
+        write_jsonl(os.path.join(out, "rejects.jsonl"), rejects, ensure_ascii=True)  # raw fields of bad rows
         for r in rejects[:5]:
             print(f"skipped row {r['row']} ({r['dataset_name']} #{r['dataset_index']}): {r['reason']}", flush=True)
         print(f"{len(items)} items from {data} ({dict(per_bench)}); {len(rejects)} rows skipped", flush=True)
@@ -326,10 +324,7 @@ def main(
     # Merge, summarise, report (rank 0)
     if d.is_main:
         records = read_records(out)
-        merged = os.path.join(out, "items.jsonl")
-        with open(merged + ".tmp", "w") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        os.replace(merged + ".tmp", merged)
+        write_jsonl(os.path.join(out, "items.jsonl"), records)
         for p in glob.glob(os.path.join(out, "items.rank*.jsonl")):
             os.remove(p)
         n_gen = sum(len(b) for _, b in todo)
@@ -362,10 +357,7 @@ def regrade(
         raise SystemExit(f"{folder}: no items*.jsonl records")
     for r in records:
         grade_record(r, r.get("options") or {})
-    merged = os.path.join(folder, "items.jsonl")
-    with open(merged + ".tmp", "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    os.replace(merged + ".tmp", merged)
+    write_jsonl(os.path.join(folder, "items.jsonl"), records)
     old = json.load(open(os.path.join(folder, "summary.json"))) if os.path.exists(os.path.join(folder, "summary.json")) else {}
     keep = {k: v for k, v in old.items() if k not in ("benchmarks", "avg", "avg_ci95", "avg_note")}
     finish(folder, records, os.path.basename(folder.rstrip("/")), n_boot, keep)

@@ -25,8 +25,9 @@ import torch
 from tqdm import tqdm
 
 from common import checkpoint, cli, dist, forward, fsdp, prompts
-from common.data import RowError, data_root, load_rows, parse_row, write_json
+from common.data import RowError, data_root, load_rows, parse_row
 from common.faults import crash_point, poison
+from common.files import check_output, write_json
 from common.generate import encode_sft
 from common.log import Logger, fmt, git_sha, peak_flops, plot_curves
 from common.model import build_meta, flops_per_token, load_processor, resolve
@@ -148,7 +149,7 @@ def main(
         else activation_checkpointing == "true"
     out = out or os.path.join("outputs", "sft", f"{os.path.basename(resolve(model).rstrip('/'))}-{data.replace('/', '_')}")
     accum = batch_plan(global_batch, micro_batch, d.world_size)
-    checkpoint.check_output(out)
+    check_output(out)
     if d.is_main:
         write_json(os.path.join(out, "config.json"), {**user_config, "git": git_sha(), "world_size": d.world_size})
         print(f"sft: {model} on {data} | world {d.world_size} x micro {micro_batch} x accum {accum} = "
@@ -201,8 +202,7 @@ def main(
     net = build_meta(model, dtype="fp32", attn=attn, trust_remote_code=trust_remote_code)
     fsdp.shard(net, param_dtype=dtype, cpu_offload=cpu_offload, activation_checkpointing=ckpt_on,
                freeze_vision=freeze_vision)
-    checkpoint.check_output(out, int(min_free_gb * 2**30) if min_free_gb >= 0 else
-                            checkpoint.checkpoint_bytes(net, d.world_size))
+    check_output(out, int(min_free_gb * 2**30) if min_free_gb >= 0 else checkpoint.checkpoint_bytes(net, d.world_size))
     fsdp.load_from_rank0(net, model, d.device, trust_remote_code)
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
