@@ -61,14 +61,19 @@ def item_scores(records: list, grader: str = "lenient") -> dict:
     return out
 
 
-def bootstrap_ci(per_item: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile CI of the mean of per-item scores (resampling items)."""
-    if len(per_item) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(per_item), size=(n_boot, len(per_item)))
-    means = per_item[idx].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+def bootstrap(groups: list, n_boot: int, rng: np.random.Generator) -> tuple[float, float, np.ndarray]:
+    """95 % percentile-bootstrap CI of the unweighted mean over `groups` of each group's mean: (lo, hi, stats).
+
+    What is resampled: items, with replacement, within each group separately (a stratified bootstrap; benchmarks are
+    the strata, so each keeps its size). One group is the plain bootstrap of a mean. Each of the `n_boot` resamples
+    gives one statistic, `stats` with shape (n_boot,); lo/hi are its 2.5th and 97.5th percentiles, the percentile
+    method of Efron & Tibshirani, An Introduction to the Bootstrap (1993), ch. 13. Groups are 1-D arrays of per-item
+    scores (any unit: the statistic keeps it). No groups, or an empty one, gives nan. Draws from `rng` in group
+    order, one (n_boot, len(group)) block each, so one seeded generator passed to several calls is reproducible."""
+    if not groups or any(len(g) == 0 for g in groups):
+        return float("nan"), float("nan"), np.full(n_boot, np.nan)
+    stats = np.mean([g[rng.integers(0, len(g), size=(n_boot, len(g)))].mean(1) for g in groups], axis=0)
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5)), stats
 
 
 def ordered(names) -> list:
@@ -90,7 +95,7 @@ def summarise(records: list, n_boot: int = 1000, seed: int = 0) -> dict:
         runs = sorted({run for k in keys for run in scores[k]})
         per_run = [100 * np.mean([np.mean(scores[k][run]) for k in keys if run in scores[k]]) for run in runs]
         per_item = np.array([np.mean([np.mean(v) for v in scores[k].values()]) for k in keys]) * 100
-        lo, hi = bootstrap_ci(per_item, n_boot, seed)
+        lo, hi, _ = bootstrap([per_item], n_boot, np.random.default_rng(seed))
         n = max(len(v) for k in keys for v in scores[k].values())
         entry = {"n_items": len(keys), "runs": per_run, "mean": float(np.mean(per_run)),
                  "std": float(np.std(per_run, ddof=1)) if len(per_run) > 1 else 0.0, "ci95": [lo, hi],
@@ -106,13 +111,10 @@ def summarise(records: list, n_boot: int = 1000, seed: int = 0) -> dict:
                                                                for run in scores[key]]) for key in keys]))
         bench[name] = entry
     avg = float(np.mean([b["mean"] for b in bench.values()])) if bench else float("nan")
-    per_bench_items = {name: np.array([np.mean([np.mean(v) for v in scores[k].values()])
-                                       for k in sorted(k for k in scores if k[0] == name)]) * 100 for name in bench}
-    rng = np.random.default_rng(seed)
-    boots = [np.mean([a[rng.integers(0, len(a), len(a))].mean() for a in per_bench_items.values()])
-             for _ in range(n_boot)] if bench else [float("nan")]
-    return {"benchmarks": bench, "avg": avg, "avg_ci95": [float(np.percentile(boots, 2.5)),
-                                                          float(np.percentile(boots, 97.5))],
+    per_bench_items = [np.array([np.mean([np.mean(v) for v in scores[k].values()])
+                                 for k in sorted(k for k in scores if k[0] == name)]) * 100 for name in bench]
+    avg_lo, avg_hi, _ = bootstrap(per_bench_items, n_boot, np.random.default_rng(seed))
+    return {"benchmarks": bench, "avg": avg, "avg_ci95": [avg_lo, avg_hi],
             "avg_note": "unweighted mean over the benchmarks present" +
                         ("" if set(COLUMNS) <= set(bench) else f" ({len(bench)} of the paper's 6)")}
 
@@ -381,18 +383,15 @@ def compare(
     for name in ordered({k[0] for k in common}):
         keys = [k for k in common if k[0] == name]
         diff = np.array([per(sb, k) - per(sa, k) for k in keys])
-        boots = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(1)
+        lo, hi, boots = bootstrap([diff], n_boot, rng)
         diffs_by_bench[name] = diff
         rows.append((COLUMNS.get(name, name), len(keys), np.mean([per(sa, k) for k in keys]),
-                     np.mean([per(sb, k) for k in keys]), diff.mean(), *np.percentile(boots, [2.5, 97.5]),
-                     float(np.mean(boots <= 0))))
-    avg_boots = np.mean([[d[rng.integers(0, len(d), len(d))].mean() for d in diffs_by_bench.values()]
-                         for _ in range(n_boot)], axis=1)
+                     np.mean([per(sb, k) for k in keys]), diff.mean(), lo, hi, float(np.mean(boots <= 0))))
+    lo, hi, avg_boots = bootstrap(list(diffs_by_bench.values()), n_boot, rng)
     avg = np.mean([d.mean() for d in diffs_by_bench.values()])
     print("| benchmark | n | A | B | B-A | 95% CI | P(B-A<=0) |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:+.2f} | [{r[5]:+.2f}, {r[6]:+.2f}] | {r[7]:.3f} |")
-    lo, hi = np.percentile(avg_boots, [2.5, 97.5])
     print(f"| Avg. | {len(common)} | | | {avg:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {float(np.mean(avg_boots <= 0)):.3f} |")
 
 
