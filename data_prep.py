@@ -364,19 +364,6 @@ def sample_text_items(rng: random.Random) -> list:
 # Writing: validate, bound images, count prompt tokens, drop over-long prompts, write data + manifest + rejects
 
 
-def prompt_tokens(processor, tokenizer, item) -> int:
-    """Prompt length in tokens, image tokens included (at the processor's own max_pixels)."""
-    owner = processor if processor is not None else tokenizer
-    text = prompts.render(owner, prompts.messages(item.question, item.options, len(item.images), processor is not None))
-    n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if item.images:
-        ip = processor.image_processor
-        merge = getattr(ip, "merge_size", 2)
-        for img in item.images:
-            n += ip.get_number_of_image_patches(img.height, img.width, {}) // merge**2 - 1  # minus the placeholder
-    return n
-
-
 def _process(raw, root, bound, counter):
     """((unified row, prompt tokens), None) or (None, reason) for one raw row; raw['_root'] overrides root."""
     if isinstance(raw, RowError):
@@ -405,7 +392,7 @@ def _token_counter(name: str, trust_remote_code: bool):
     from common.model import load_processor
 
     processor, tok = load_processor(name, trust_remote_code)
-    return lambda item: prompt_tokens(processor, tok, item)
+    return lambda item: prompts.prompt_tokens(processor, tok, item)
 
 
 META = ("reject_reason", "source", "source_row")  # bookkeeping columns, removed before writing
@@ -683,7 +670,6 @@ def passrate(
                          is_vl=processor is not None)
     else:
         gen = HFEngine(load_model(model, dtype=dtype, device=d.device).eval(), processor, tok, batch_size)
-    owner = processor if processor is not None else tok
     todo, skipped = [], 0
     for i in range(lo, hi):
         try:
@@ -699,8 +685,7 @@ def passrate(
     with open(shard, "a") as f:
         for b in range(0, len(todo), batch_size):
             batch = todo[b : b + batch_size]
-            ps = [Prompt(prompts.render(owner, prompts.messages(it.question, it.options, len(it.images),
-                                                                processor is not None)), it.images) for it in batch]
+            ps = [Prompt(prompts.prompt_text(processor, tok, it), it.images) for it in batch]
             outs = gen.generate(ps, n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 seeds=[row_seed(seed, it.dataset_index) for it in batch])
             for it, got in zip(batch, outs):

@@ -278,7 +278,6 @@ def main(
     else:
         net = load_model(model, dtype=dtype, device=d.device, attn=attn, trust_remote_code=trust_remote_code).eval()
         gen = HFEngine(net, processor, tokenizer, batch_size=batch_size)
-    template = processor if processor is not None else tokenizer
 
     # Generate, batch by batch, appending records; finished batches are skipped on resume
     shard = os.path.join(out, f"items.rank{d.rank}.jsonl")
@@ -297,8 +296,7 @@ def main(
     t0, n_tokens = time.time(), 0
     with open(shard, "a") as f:
         for run, batch in todo:
-            ps = [Prompt(prompts.render(template, prompts.messages(it.question, it.options, len(it.images),
-                                                                   processor is not None)), it.images) for it in batch]
+            ps = [Prompt(prompts.prompt_text(processor, tokenizer, it), it.images) for it in batch]
             seeds = [row_seed(seed * 1_000_003 + run, hash_key(it.dataset_name, it.dataset_index)) for it in batch]
             outs = gen.generate(ps, n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 seeds=seeds)

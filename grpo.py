@@ -343,7 +343,6 @@ def main(
     # Data: text fields validated up front; unusable rows are skipped and counted
     rows = load_rows(src, split)
     processor, tokenizer = load_processor(model, trust_remote_code)
-    owner = processor if processor is not None else tokenizer
     root = data_root(src)
     usable, skipped = [], {}
     text_cols = [c for c in rows.column_names if c != "images"]
@@ -375,9 +374,7 @@ def main(
                 raise SystemExit(f"row {i} of {src}: {e}") from None
             if item.images and processor is None:
                 raise SystemExit(f"row {i} has images but {model} is a text-only model")
-            text = prompts.render(owner, prompts.messages(item.question, item.options, len(item.images),
-                                                          processor is not None))
-            p = Prompt(text, item.images)
+            p = Prompt(prompts.prompt_text(processor, tokenizer, item), item.images)
             encode(processor, tokenizer, p)
             if len(p.segment.ids) > max_prompt_length:
                 raise SystemExit(f"row {i}: prompt of {len(p.segment.ids)} tokens > max_prompt_length "
@@ -442,8 +439,7 @@ def main(
             if it.images and processor is None:
                 skipped += 1  # a text-only policy cannot see image items
                 continue
-            eps.append(Episode(it, Prompt(prompts.render(owner, prompts.messages(
-                it.question, it.options, len(it.images), processor is not None)), it.images)))
+            eps.append(Episode(it, Prompt(prompts.prompt_text(processor, tokenizer, it), it.images)))
         outs = rollout(eps, -1 - step, greedy=True, new_tokens=val_max_new_tokens, group=1)
         acc = sum(grading.lenient_correct(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
         rew = sum(grading.strict_reward(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
