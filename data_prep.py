@@ -37,8 +37,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from common import cli, dist, grading, prompts, speed
-from common.data import (RowError, atomic_dir, bound_image, data_root, features, load_rows, parse_row, repair_tail, to_row,
-                         write_json)
+from common.data import RowError, bound_image, data_root, features, load_rows, parse_row, to_row
+from common.files import atomic_dir, iter_jsonl, read_jsonl, repair_tail, write_json, write_jsonl
 from common.sample_facts import FACTS
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -106,18 +106,9 @@ def _mcq(question, options, label, name, index, images=None, reasoning=None, mis
 
 
 def _jsonl(path):
-    """(line number, object or RowError) per non-empty line; a bad line never fails the file."""
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-                yield i, obj if isinstance(obj, dict) else RowError(f"line {i + 1} is not a JSON object")
-            except UnicodeDecodeError as e:
-                yield i, RowError(f"line {i + 1} is not UTF-8 (byte {e.start})")
-            except json.JSONDecodeError as e:
-                yield i, RowError(f"line {i + 1} is not JSON ({e.msg})")
+    """(line index from 0, object or RowError) per non-empty line; a bad line never fails the file."""
+    for n, obj, reason in iter_jsonl(path):
+        yield n - 1, obj if reason is None else RowError(reason)
 
 
 def _options_field(v):
@@ -373,19 +364,6 @@ def sample_text_items(rng: random.Random) -> list:
 # Writing: validate, bound images, count prompt tokens, drop over-long prompts, write data + manifest + rejects
 
 
-def prompt_tokens(processor, tokenizer, item) -> int:
-    """Prompt length in tokens, image tokens included (at the processor's own max_pixels)."""
-    owner = processor if processor is not None else tokenizer
-    text = prompts.render(owner, prompts.messages(item.question, item.options, len(item.images), processor is not None))
-    n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if item.images:
-        ip = processor.image_processor
-        merge = getattr(ip, "merge_size", 2)
-        for img in item.images:
-            n += ip.get_number_of_image_patches(img.height, img.width, {}) // merge**2 - 1  # minus the placeholder
-    return n
-
-
 def _process(raw, root, bound, counter):
     """((unified row, prompt tokens), None) or (None, reason) for one raw row; raw['_root'] overrides root."""
     if isinstance(raw, RowError):
@@ -414,7 +392,7 @@ def _token_counter(name: str, trust_remote_code: bool):
     from common.model import load_processor
 
     processor, tok = load_processor(name, trust_remote_code)
-    return lambda item: prompt_tokens(processor, tok, item)
+    return lambda item: prompts.prompt_tokens(processor, tok, item)
 
 
 META = ("reject_reason", "source", "source_row")  # bookkeeping columns, removed before writing
@@ -488,8 +466,7 @@ def write_set(rows, out: str, flags: dict, source: str, root=None, bound: bool =
         ok.to_parquet(os.path.join(tmp, "data.parquet"))
         del ds, ok
         shutil.rmtree(os.path.join(tmp, ".cache"), ignore_errors=True)
-        with open(os.path.join(tmp, "rejects.jsonl"), "w") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
+        write_jsonl(os.path.join(tmp, "rejects.jsonl"), rejects)
         h = hashlib.sha256()
         with open(os.path.join(tmp, "data.parquet"), "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -685,20 +662,14 @@ def passrate(
     done = set()
     shards = [os.path.join(out, f) for f in os.listdir(out) if f.startswith("counts.rank")]
     for path in [os.path.join(out, "counts.jsonl"), *shards]:
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        done.add(json.loads(line)["dataset_index"])
-                    except (json.JSONDecodeError, KeyError):
-                        pass
+        if os.path.exists(path):  # an unreadable line leaves its item to be counted again
+            done.update(r["dataset_index"] for r in read_jsonl(path)[0] if "dataset_index" in r)
     processor, tok = load_processor(model)
     if engine == "vllm":
         gen = VLLMEngine(resolve(model), tok, tp=tp, seed=seed, dtype=dtype, is_vl=processor is not None)
     else:
         speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
         gen = HFEngine(load_model(model, dtype=dtype, device=d.device).eval(), processor, tok, batch_size)
-    owner = processor if processor is not None else tok
     todo, skipped = [], 0
     for i in range(lo, hi):
         try:
@@ -714,8 +685,7 @@ def passrate(
     with open(shard, "a") as f:
         for b in range(0, len(todo), batch_size):
             batch = todo[b : b + batch_size]
-            ps = [Prompt(prompts.render(owner, prompts.messages(it.question, it.options, len(it.images),
-                                                                processor is not None)), it.images) for it in batch]
+            ps = [Prompt(prompts.prompt_text(processor, tok, it), it.images) for it in batch]
             outs = gen.generate(ps, n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 seeds=[row_seed(seed, it.dataset_index) for it in batch])
             for it, got in zip(batch, outs):
@@ -732,16 +702,14 @@ def passrate(
         merged, unreadable = {}, 0
         for name in sorted(os.listdir(out)):
             if name.startswith("counts") and name.endswith(".jsonl"):
-                with open(os.path.join(out, name)) as f:
-                    for line in f:
-                        try:
-                            r = json.loads(line)
-                            merged[r["dataset_index"]] = r
-                        except (json.JSONDecodeError, KeyError):
-                            unreadable += 1  # a torn line from a killed run: that item was generated again
-        with open(os.path.join(out, "counts.jsonl.tmp"), "w") as f:
-            f.writelines(json.dumps(merged[k]) + "\n" for k in sorted(merged))
-        os.replace(os.path.join(out, "counts.jsonl.tmp"), os.path.join(out, "counts.jsonl"))
+                records, bad = read_jsonl(os.path.join(out, name))
+                unreadable += len(bad)  # a torn line from a killed run: that item was generated again
+                for r in records:
+                    if "dataset_index" in r:
+                        merged[r["dataset_index"]] = r
+                    else:
+                        unreadable += 1
+        write_jsonl(os.path.join(out, "counts.jsonl"), [merged[k] for k in sorted(merged)])
         for name in os.listdir(out):
             if name.startswith("counts.rank"):
                 os.remove(os.path.join(out, name))
@@ -767,11 +735,10 @@ def filter_set(
     """Keep the medium-difficulty items, shuffle (seed 42), stable-sort by pass count (RECIPE §2.2)."""
     flags = dict(locals())
     path = passrate if passrate.endswith(".jsonl") else os.path.join(passrate, "counts.jsonl")
-    counts = {}
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            counts[r["dataset_index"]] = r["num_correct"]
+    records, bad = read_jsonl(path)
+    if bad:  # the passrate command writes this file whole: a bad line is damage, not a kill
+        raise SystemExit(f"{path}: {len(bad)} unreadable line(s), e.g. {bad[0]}")
+    counts = {r["dataset_index"]: r["num_correct"] for r in records}
     ds = load_rows(data)
     before = Counter(counts.get(i, -1) for i in ds["dataset_index"])
     ds = ds.map(lambda i: {"pass_count": counts.get(i, -1)}, input_columns="dataset_index")
@@ -810,13 +777,14 @@ def sft(
     ds = load_rows(data, split)
     found = {}
     if traces:
-        with open(traces) as f:
-            for line in f:
-                r = json.loads(line)
-                ok = r.get("correct", True)
-                m = re.search(r"<think>(.*?)</think>", r.get("response", ""), re.DOTALL)
-                if ok and m and r["dataset_index"] not in found:
-                    found[r["dataset_index"]] = m.group(1).strip()
+        records, bad = read_jsonl(traces)
+        if bad:
+            raise SystemExit(f"{traces}: {len(bad)} unreadable line(s), e.g. {bad[0]}")
+        for r in records:
+            ok = r.get("correct", True)
+            m = re.search(r"<think>(.*?)</think>", r.get("response", ""), re.DOTALL)
+            if ok and m and r["dataset_index"] not in found:
+                found[r["dataset_index"]] = m.group(1).strip()
     table = _WithTraces(ds, found)
     write_set([(i, i) for i in range(len(ds))], out, flags, data, data_root(data), False, table=table,
               extra_columns={"target": (datasets.Value("string"),

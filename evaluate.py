@@ -24,9 +24,10 @@ from collections import Counter, defaultdict
 import numpy as np
 from tqdm import tqdm
 
-from common import checkpoint, cli, dist, grading, prompts, speed
+from common import cli, dist, grading, prompts, speed
+from common.data import RowError, data_root, load_rows, parse_row
 from common.faults import crash_point
-from common.data import RowError, data_root, load_rows, parse_row, repair_tail, write_json
+from common.files import atomic_file, check_output, read_jsonl, repair_tail, write_json, write_jsonl
 from common.generate import HFEngine, Prompt, VLLMEngine, row_seed
 from common.model import load_model, load_processor, resolve
 
@@ -60,14 +61,19 @@ def item_scores(records: list, grader: str = "lenient") -> dict:
     return out
 
 
-def bootstrap_ci(per_item: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile CI of the mean of per-item scores (resampling items)."""
-    if len(per_item) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(per_item), size=(n_boot, len(per_item)))
-    means = per_item[idx].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+def bootstrap(groups: list, n_boot: int, rng: np.random.Generator) -> tuple[float, float, np.ndarray]:
+    """95 % percentile-bootstrap CI of the unweighted mean over `groups` of each group's mean: (lo, hi, stats).
+
+    What is resampled: items, with replacement, within each group separately (a stratified bootstrap; benchmarks are
+    the strata, so each keeps its size). One group is the plain bootstrap of a mean. Each of the `n_boot` resamples
+    gives one statistic, `stats` with shape (n_boot,); lo/hi are its 2.5th and 97.5th percentiles, the percentile
+    method of Efron & Tibshirani, An Introduction to the Bootstrap (1993), ch. 13. Groups are 1-D arrays of per-item
+    scores (any unit: the statistic keeps it). No groups, or an empty one, gives nan. Draws from `rng` in group
+    order, one (n_boot, len(group)) block each, so one seeded generator passed to several calls is reproducible."""
+    if not groups or any(len(g) == 0 for g in groups):
+        return float("nan"), float("nan"), np.full(n_boot, np.nan)
+    stats = np.mean([g[rng.integers(0, len(g), size=(n_boot, len(g)))].mean(1) for g in groups], axis=0)
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5)), stats
 
 
 def ordered(names) -> list:
@@ -89,7 +95,7 @@ def summarise(records: list, n_boot: int = 1000, seed: int = 0) -> dict:
         runs = sorted({run for k in keys for run in scores[k]})
         per_run = [100 * np.mean([np.mean(scores[k][run]) for k in keys if run in scores[k]]) for run in runs]
         per_item = np.array([np.mean([np.mean(v) for v in scores[k].values()]) for k in keys]) * 100
-        lo, hi = bootstrap_ci(per_item, n_boot, seed)
+        lo, hi, _ = bootstrap([per_item], n_boot, np.random.default_rng(seed))
         n = max(len(v) for k in keys for v in scores[k].values())
         entry = {"n_items": len(keys), "runs": per_run, "mean": float(np.mean(per_run)),
                  "std": float(np.std(per_run, ddof=1)) if len(per_run) > 1 else 0.0, "ci95": [lo, hi],
@@ -105,13 +111,10 @@ def summarise(records: list, n_boot: int = 1000, seed: int = 0) -> dict:
                                                                for run in scores[key]]) for key in keys]))
         bench[name] = entry
     avg = float(np.mean([b["mean"] for b in bench.values()])) if bench else float("nan")
-    per_bench_items = {name: np.array([np.mean([np.mean(v) for v in scores[k].values()])
-                                       for k in sorted(k for k in scores if k[0] == name)]) * 100 for name in bench}
-    rng = np.random.default_rng(seed)
-    boots = [np.mean([a[rng.integers(0, len(a), len(a))].mean() for a in per_bench_items.values()])
-             for _ in range(n_boot)] if bench else [float("nan")]
-    return {"benchmarks": bench, "avg": avg, "avg_ci95": [float(np.percentile(boots, 2.5)),
-                                                          float(np.percentile(boots, 97.5))],
+    per_bench_items = [np.array([np.mean([np.mean(v) for v in scores[k].values()])
+                                 for k in sorted(k for k in scores if k[0] == name)]) * 100 for name in bench]
+    avg_lo, avg_hi, _ = bootstrap(per_bench_items, n_boot, np.random.default_rng(seed))
+    return {"benchmarks": bench, "avg": avg, "avg_ci95": [avg_lo, avg_hi],
             "avg_note": "unweighted mean over the benchmarks present" +
                         ("" if set(COLUMNS) <= set(bench) else f" ({len(bench)} of the paper's 6)")}
 
@@ -145,9 +148,9 @@ def plot(summary: dict, path: str, title: str) -> None:
     ax.set_ylim(0, 105)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 def grade_record(rec: dict, options: dict) -> dict:
@@ -167,17 +170,15 @@ def bench_order(name: str) -> tuple:
 
 
 def read_records(folder: str) -> list:
-    """All per-sample records in a result folder (merged file and per-rank shards), de-duplicated, sorted."""
+    """All per-sample records in a result folder (merged file and per-rank shards), de-duplicated, sorted.
+    Unreadable lines are skipped and reported: the batch they belonged to counts as not done and is generated again."""
     seen = {}
     for path in sorted(glob.glob(os.path.join(folder, "items*.jsonl"))):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        r = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by a kill: its batch is redone
-                    seen[(r["dataset_name"], r["dataset_index"], r["run"], r["sample"])] = r
+        records, bad = read_jsonl(path)
+        if bad:
+            dist.print0(f"{path}: {len(bad)} unreadable line(s) skipped, e.g. {bad[0]}")
+        for r in records:
+            seen[(r["dataset_name"], r["dataset_index"], r["run"], r["sample"])] = r
     return [seen[k] for k in sorted(seen, key=lambda k: (bench_order(k[0]), k[1], k[2], k[3]))]
 
 
@@ -227,7 +228,7 @@ def main(
     path = resolve(model)  # a folder's own name (through links: outputs/x/final -> epoch_3), else the hub id's tail
     name = name or os.path.basename((os.path.realpath(path) if os.path.exists(path) else path).rstrip("/"))
     out = out or os.path.join("outputs", "eval", name)
-    checkpoint.check_output(out)
+    check_output(out)
     if d.is_main:
         write_json(os.path.join(out, "config.json"), user_config)
     dist.barrier()
@@ -258,8 +259,7 @@ def main(
         except RowError as e:
             rejects.append({"row": i, "dataset_name": bench, "dataset_index": row.get("dataset_index"), "reason": str(e)})
     if d.is_main:
-        with open(os.path.join(out, "rejects.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rejects)
+        write_jsonl(os.path.join(out, "rejects.jsonl"), rejects, ensure_ascii=True)  # raw fields of bad rows
         for r in rejects[:5]:
             print(f"skipped row {r['row']} ({r['dataset_name']} #{r['dataset_index']}): {r['reason']}", flush=True)
         print(f"{len(items)} items from {data} ({dict(per_bench)}); {len(rejects)} rows skipped", flush=True)
@@ -279,7 +279,6 @@ def main(
         speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
         net = load_model(model, dtype=dtype, device=d.device, attn=attn, trust_remote_code=trust_remote_code).eval()
         gen = HFEngine(net, processor, tokenizer, batch_size=batch_size)
-    template = processor if processor is not None else tokenizer
 
     # Generate, batch by batch, appending records; finished batches are skipped on resume
     shard = os.path.join(out, f"items.rank{d.rank}.jsonl")
@@ -298,8 +297,7 @@ def main(
     t0, n_tokens = time.time(), 0
     with open(shard, "a") as f:
         for run, batch in todo:
-            ps = [Prompt(prompts.render(template, prompts.messages(it.question, it.options, len(it.images),
-                                                                   processor is not None)), it.images) for it in batch]
+            ps = [Prompt(prompts.prompt_text(processor, tokenizer, it), it.images) for it in batch]
             seeds = [row_seed(seed * 1_000_003 + run, hash_key(it.dataset_name, it.dataset_index)) for it in batch]
             outs = gen.generate(ps, n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 seeds=seeds)
@@ -329,10 +327,7 @@ def main(
     # Merge, summarise, report (rank 0)
     if d.is_main:
         records = read_records(out)
-        merged = os.path.join(out, "items.jsonl")
-        with open(merged + ".tmp", "w") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        os.replace(merged + ".tmp", merged)
+        write_jsonl(os.path.join(out, "items.jsonl"), records)
         for p in glob.glob(os.path.join(out, "items.rank*.jsonl")):
             os.remove(p)
         n_gen = sum(len(b) for _, b in todo)
@@ -365,10 +360,7 @@ def regrade(
         raise SystemExit(f"{folder}: no items*.jsonl records")
     for r in records:
         grade_record(r, r.get("options") or {})
-    merged = os.path.join(folder, "items.jsonl")
-    with open(merged + ".tmp", "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    os.replace(merged + ".tmp", merged)
+    write_jsonl(os.path.join(folder, "items.jsonl"), records)
     old = json.load(open(os.path.join(folder, "summary.json"))) if os.path.exists(os.path.join(folder, "summary.json")) else {}
     keep = {k: v for k, v in old.items() if k not in ("benchmarks", "avg", "avg_ci95", "avg_note")}
     finish(folder, records, os.path.basename(folder.rstrip("/")), n_boot, keep)
@@ -392,18 +384,15 @@ def compare(
     for name in ordered({k[0] for k in common}):
         keys = [k for k in common if k[0] == name]
         diff = np.array([per(sb, k) - per(sa, k) for k in keys])
-        boots = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(1)
+        lo, hi, boots = bootstrap([diff], n_boot, rng)
         diffs_by_bench[name] = diff
         rows.append((COLUMNS.get(name, name), len(keys), np.mean([per(sa, k) for k in keys]),
-                     np.mean([per(sb, k) for k in keys]), diff.mean(), *np.percentile(boots, [2.5, 97.5]),
-                     float(np.mean(boots <= 0))))
-    avg_boots = np.mean([[d[rng.integers(0, len(d), len(d))].mean() for d in diffs_by_bench.values()]
-                         for _ in range(n_boot)], axis=1)
+                     np.mean([per(sb, k) for k in keys]), diff.mean(), lo, hi, float(np.mean(boots <= 0))))
+    lo, hi, avg_boots = bootstrap(list(diffs_by_bench.values()), n_boot, rng)
     avg = np.mean([d.mean() for d in diffs_by_bench.values()])
     print("| benchmark | n | A | B | B-A | 95% CI | P(B-A<=0) |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:+.2f} | [{r[5]:+.2f}, {r[6]:+.2f}] | {r[7]:.3f} |")
-    lo, hi = np.percentile(avg_boots, [2.5, 97.5])
     print(f"| Avg. | {len(common)} | | | {avg:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {float(np.mean(avg_boots <= 0)):.3f} |")
 
 

@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 import torch
 
 from common import checkpoint, cli, dist, forward, fsdp, grading, prompts, speed
-from common.data import RowError, data_root, load_rows, parse_row, write_json
+from common.data import RowError, data_root, load_rows, parse_row
 from common.faults import crash_point, poison
+from common.files import check_output, write_json
 from common.generate import HFEngine, Prompt, VLLMEngine, encode, row_seed
 from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
 from common.model import build_meta, flops_per_token, load_processor, resolve
@@ -278,8 +279,7 @@ def make_episodes(rows, idx: list, root: str, processor, tokenizer, max_prompt_l
             raise SystemExit(f"row {i} of {src}: {e}") from None
         if item.images and processor is None:
             raise SystemExit(f"row {i} of {src} has images but the model is text-only")
-        p = Prompt(prompts.render(processor if processor is not None else tokenizer, prompts.messages(
-            item.question, item.options, len(item.images), processor is not None)), item.images)
+        p = Prompt(prompts.prompt_text(processor, tokenizer, item), item.images)
         encode(processor, tokenizer, p)
         if len(p.segment.ids) > max_prompt_length:
             raise SystemExit(f"row {i}: prompt of {len(p.segment.ids)} tokens > max_prompt_length "
@@ -338,9 +338,7 @@ def validate(llm, net, val_data: str, val_limit: int, seed: int, new_tokens: int
         if it.images and processor is None:
             skipped += 1
             continue
-        eps.append(Episode(it, Prompt(prompts.render(processor if processor is not None else tokenizer,
-                                                     prompts.messages(it.question, it.options, len(it.images),
-                                                                      processor is not None)), it.images)))
+        eps.append(Episode(it, Prompt(prompts.prompt_text(processor, tokenizer, it), it.images)))
     outs = rollout(llm, net, eps, [row_seed(seed, ep.item.dataset_index) for ep in eps],
                    dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=new_tokens), tp, d)
     acc = sum(grading.lenient_correct(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
@@ -559,7 +557,7 @@ def main(
     micro_groups = max(1, micro_batch // G)
     algo = dict(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c, kl_coef=kl_coef, kl_type=kl_type,
                 loss_agg=loss_agg, entropy_coef=entropy_coef, max_len=max_new_tokens)
-    checkpoint.check_output(out)
+    check_output(out)
     if d.is_main:
         write_json(os.path.join(out, "config.json"), {**user_config, "engine": engine, "tp": tp, "epochs": epochs,
                                                       "micro_batch": micro_batch, "git": git_sha()})
@@ -583,7 +581,7 @@ def main(
     # Models: actor (FSDP2, trained), reference (FSDP2, frozen; only when kl_coef != 0)
     net = sharded_model(model, d.device, dtype, attn, cpu_offload, activation_checkpointing, freeze_vision,
                         trust_remote_code)
-    checkpoint.check_output(out, int(min_free_gb * 2**30) if min_free_gb >= 0 else
+    check_output(out, int(min_free_gb * 2**30) if min_free_gb >= 0 else
                             checkpoint.checkpoint_bytes(net, d.world_size))
     ref = None
     if kl_coef != 0:

@@ -25,8 +25,9 @@ import torch
 from tqdm import tqdm
 
 from common import checkpoint, cli, dist, forward, fsdp, prompts, speed
-from common.data import RowError, data_root, load_rows, parse_row, write_json
+from common.data import RowError, data_root, load_rows, parse_row
 from common.faults import crash_point, poison
+from common.files import check_output, write_json
 from common.generate import encode_sft
 from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
 from common.model import build_meta, flops_per_token, load_processor, resolve
@@ -71,27 +72,16 @@ def step_indices(n: int, step: int, steps_per_epoch: int, global_batch: int, see
     return batch[rank * per : (rank + 1) * per]
 
 
-def _count(tokenizer, text: str) -> int:
-    """Tokens of `text` as encode_sft tokenizes it (no special tokens added)."""
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def template_overhead(owner, tokenizer, multimodal: bool) -> tuple[int, int]:
-    """Tokens the chat template adds (system turn, role markers, `<|im_end|>`): (around the user text, after the
-    assistant's target). Counted once, so the up-front length check sees the conversation the loop will encode."""
-    n = lambda s: _count(tokenizer, s)  # noqa: E731
-    msgs, target = prompts.messages("q", {"A": "a"}, 0, multimodal), prompts.sft_target("r", "A")
-    prompt, full = prompts.render(owner, msgs), prompts.render(owner, msgs, target)
-    return n(prompt) - n(prompts.user_text("q", {"A": "a"})), n(full) - n(prompt) - n(target)
-
-
-def conversation_tokens(tokenizer, item, overhead: tuple[int, int], prompt_tokens: int | None = None) -> int:
-    """Length of the encoded SFT conversation from its parts, without images decoded or the template run per row:
-    the rendered prompt (data_prep's count, image tokens included, else the user text + the template's share), the
-    target, and the template's closing tokens."""
+def conversation_tokens(processor, tokenizer, item, prompt_tokens: int | None = None) -> int:
+    """Length in tokens of the SFT conversation encode_sft builds for `item`, counted with prompts.prompt_tokens and
+    no image decoded (the up-front check reads text columns only). `prompt_tokens` is data_prep's count of the
+    prompt, image tokens included; without one (None or -1) the item's images, if any, are not counted here (the
+    loop's own check catches such a row)."""
+    target = prompts.sft_target(item.reasoning or "", item.answer_label)
+    full = prompts.prompt_tokens(processor, tokenizer, item, target)
     if prompt_tokens is None or prompt_tokens < 0:  # data_prep writes -1 when it was not asked to count
-        prompt_tokens = _count(tokenizer, prompts.user_text(item.question, item.options)) + overhead[0]
-    return prompt_tokens + _count(tokenizer, prompts.sft_target(item.reasoning or "", item.answer_label)) + overhead[1]
+        return full
+    return full - prompts.prompt_tokens(processor, tokenizer, item) + prompt_tokens
 
 
 def token_loss(logp: torch.Tensor, n_global_tokens: int) -> torch.Tensor:
@@ -149,7 +139,7 @@ def main(
         else activation_checkpointing == "true"
     out = out or os.path.join("outputs", "sft", f"{os.path.basename(resolve(model).rstrip('/'))}-{data.replace('/', '_')}")
     accum = batch_plan(global_batch, micro_batch, d.world_size)
-    checkpoint.check_output(out)
+    check_output(out)
     if d.is_main:
         write_json(os.path.join(out, "config.json"), {**user_config, "git": git_sha(), "world_size": d.world_size})
         print(f"sft: {model} on {data} | world {d.world_size} x micro {micro_batch} x accum {accum} = "
@@ -160,7 +150,6 @@ def main(
     sources = DATASETS.get(data, data.split(","))
     tables = [(src, load_rows(src, split)) for src in sources]
     processor, tokenizer = load_processor(model, trust_remote_code)
-    overhead = template_overhead(processor or tokenizer, tokenizer, processor is not None)
     index, skipped = [], {}
     for t, (src, ds) in enumerate(tables):
         cols = [c for c in ds.column_names if c != "images"]
@@ -172,7 +161,7 @@ def main(
                     raise RowError("no reasoning trace")
                 if processor is None and "images" in ds.column_names and ds[i]["images"]:
                     raise RowError("has images but the model is text-only")
-                n = conversation_tokens(tokenizer, item, overhead, row.get("prompt_tokens"))
+                n = conversation_tokens(processor, tokenizer, item, row.get("prompt_tokens"))
                 if n > max_length:
                     raise RowError(f"longer than max_length ({n} > {max_length} tokens)")
                 index.append((t, i))
@@ -202,8 +191,7 @@ def main(
     net = build_meta(model, dtype="fp32", attn=attn, trust_remote_code=trust_remote_code)
     fsdp.shard(net, param_dtype=dtype, cpu_offload=cpu_offload, activation_checkpointing=ckpt_on,
                freeze_vision=freeze_vision)
-    checkpoint.check_output(out, int(min_free_gb * 2**30) if min_free_gb >= 0 else
-                            checkpoint.checkpoint_bytes(net, d.world_size))
+    check_output(out, int(min_free_gb * 2**30) if min_free_gb >= 0 else checkpoint.checkpoint_bytes(net, d.world_size))
     fsdp.load_from_rank0(net, model, d.device, trust_remote_code)
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]

@@ -104,8 +104,7 @@ def main():
     its = [parse_row(r) for r in list(load_rows(data))[: 8 * args.steps]]
     if len(its) < 8 * args.steps:
         raise SystemExit(f"{data} has {len(its)} prompts; {args.steps} steps need {8 * args.steps}")
-    p_len = sum(len(tok(prompts.render(tok, prompts.messages(i.question, i.options, 0, False)))["input_ids"])
-                for i in its) / len(its)
+    p_len = sum(prompts.prompt_tokens(None, tok, i) for i in its) / len(its)
 
     # ours
     out = os.path.join(args.work, "grpo_ours")

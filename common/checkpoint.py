@@ -3,8 +3,9 @@
     out/ckpt/step_000042/        DCP shards of {"model", "optim"}, rng_rank{r}.pt, state.json, COMPLETE
     out/<name>/                  HF folder: safetensors + config + processor/tokenizer + generation config + meta.json
 
-Both are written into a `.tmp` folder and renamed when complete, so `latest()` never picks a half-written one; it
-reports the ones it skips. The HF folder loads with transformers, vLLM, evaluate.py and grpo.py as it is.
+Both are written into a temp folder and renamed when complete (common/files.py), so `latest()` never picks a
+half-written one; it reports the ones it skips. The HF folder loads with transformers, vLLM, evaluate.py and grpo.py
+as it is.
 """
 
 import glob
@@ -12,6 +13,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 
 import torch
@@ -21,31 +23,12 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from common import fsdp
-from common.data import write_json
 from common.faults import crash_point
+from common.files import atomic_dir, publish, write_json
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def check_output(out: str, need_bytes: int = 0) -> None:
-    """Fail before any work when the output folder cannot be created or written, or lacks room for a checkpoint."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-test-{os.getpid()}")
-        with open(probe, "wb") as f:
-            f.write(b"x" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"output folder {out} is not writable: {e.strerror or e}") from None
-    free = shutil.disk_usage(out).free
-    if need_bytes and free < need_bytes:
-        size = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
-        raise SystemExit(f"output folder {out} has {size(free)} free, a checkpoint needs about {size(need_bytes)} "
-                         "(set --min_free_gb if you know better)")
 
 
 def checkpoint_bytes(model, world_size: int = 1) -> int:
@@ -66,7 +49,7 @@ def param_signature(model) -> dict:
 def save(folder: str, step: int, model, optimizer, state: dict) -> str:
     """Write out/ckpt/step_N atomically (every rank calls this)."""
     final = os.path.join(folder, f"step_{step:06d}")
-    tmp = final + ".tmp"
+    tmp = final + ".tmp"  # one name on every rank (not files.tmp_path: that one carries the process id)
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -87,9 +70,7 @@ def save(folder: str, step: int, model, optimizer, state: dict) -> str:
         write_json(os.path.join(tmp, "state.json"), {**state, "step": step, "params": param_signature(model),
                                                       "files": files})
         open(os.path.join(tmp, "COMPLETE"), "w").close()
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish(tmp, final)
     if dist.is_initialized():
         dist.barrier()
     return final
@@ -100,7 +81,7 @@ def latest(folder: str, report=print) -> str | None:
     found = []
     for path in glob.glob(os.path.join(folder, "step_*")):
         name = os.path.basename(path)
-        if name.endswith(".tmp"):
+        if not re.fullmatch(r"step_\d+", name):  # step_N.tmp, or a step_N.old-PID a kill left during a rename
             report(f"ignoring {path}: an interrupted save (no rename)")
             continue
         if not os.path.exists(os.path.join(path, "COMPLETE")):
@@ -190,19 +171,15 @@ def export_hf(model, folder: str, processor=None, tokenizer=None, meta: dict | N
     cpu_model.load_state_dict({k: (v.to(dtype) if dtype is not None else v) for k, v in sd.items()}, assign=True,
                               strict=False)
     cpu_model.tie_weights()
-    tmp = folder.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     cpu_model.config.use_cache = True
-    cpu_model.save_pretrained(tmp, safe_serialization=True)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(tmp)
-    for owner in (processor, tokenizer):
-        if owner is not None:
-            owner.save_pretrained(tmp)
-    write_json(os.path.join(tmp, "meta.json"), meta or {})
-    if os.path.exists(folder):
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with atomic_dir(folder) as tmp:
+        cpu_model.save_pretrained(tmp, safe_serialization=True)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        for owner in (processor, tokenizer):
+            if owner is not None:
+                owner.save_pretrained(tmp)
+        write_json(os.path.join(tmp, "meta.json"), meta or {})
     if dist.is_initialized():
         dist.barrier()
     return folder

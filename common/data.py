@@ -1,18 +1,17 @@
-"""The unified MCQ schema (RECIPE §1.1): read any source, validate each row into an Item, bound images, write atomically.
+"""The unified MCQ schema (RECIPE §1.1): read any source, validate each row into an Item, bound images.
 
 Row fields: images (list of images or None), question, options (a JSON *string* of {"A": "...", ...}), answer_label,
 answer, reasoning, dataset_name, dataset_index (+ hash, misc, and pass_count after curation). A row that cannot
 be used raises RowError with the reason; callers count and report it, nothing is dropped silently.
 """
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 import unicodedata
 from dataclasses import dataclass, field
 
+from common.files import iter_jsonl
 from common.images import RowError, bound_image, load_image, safe_path, to_rgb  # noqa: F401  (one import place)
 
 MAX_QUESTION_CHARS = 16_000  # far above any benchmark question; longer ones are garbage or attacks
@@ -49,18 +48,7 @@ class JsonlRows:
     indexed, instead of failing the whole file as datasets' json loader would. Enough of the Dataset API for us."""
 
     def __init__(self, path: str):
-        self.rows = []
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    row = json.loads(raw.decode("utf-8"))
-                    self.rows.append(row if isinstance(row, dict) else RowError(f"line {n} is not a JSON object"))
-                except UnicodeDecodeError as e:
-                    self.rows.append(RowError(f"line {n} is not UTF-8 (byte {e.start})"))
-                except json.JSONDecodeError as e:
-                    self.rows.append(RowError(f"line {n} is not JSON ({e.msg})"))
+        self.rows = [row if reason is None else RowError(reason) for _, row, reason in iter_jsonl(path)]
         keys = {k for r in self.rows if isinstance(r, dict) for k in r}
         self.column_names = sorted(keys)
 
@@ -205,58 +193,3 @@ def to_row(item: Item, keep_images: bool = True) -> dict:
 
 def _misc(v):
     return v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str):
-    """Yield a temp folder next to `final`; on success it replaces `final` by renames, on error it is removed.
-
-    A reader sees the old folder or the new one, never a half-written one (a kill -9 can leave `*.tmp-PID` behind,
-    which nothing reads)."""
-    tmp = final.rstrip("/") + f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-    except OSError as e:
-        raise SystemExit(f"cannot write next to {final}: {e.strerror or e}") from None
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.rstrip("/") + f".old-{os.getpid()}"
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def repair_tail(path: str) -> None:
-    """Cut a last line left half-written by a kill, so records appended later start on a line of their own."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb+") as f:  # read backwards from the end only: result files can be large
-        end = f.seek(0, os.SEEK_END)
-        pos = end
-        while pos > 0:
-            start = max(0, pos - (1 << 16))
-            f.seek(start)
-            block = f.read(pos - start)
-            if pos == end and block.endswith(b"\n"):
-                return
-            cut = block.rfind(b"\n")
-            if cut >= 0:
-                f.truncate(start + cut + 1)
-                return
-            pos = start
-        if end:
-            f.truncate(0)  # no complete line at all
-
-
-def write_json(path: str, obj) -> None:
-    """Write JSON through a temp file and a rename."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)

@@ -75,18 +75,17 @@ def full_state_dict(model) -> dict:
 
 
 def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
-    """Global grad-norm clipping that works on DTensor shards; returns the total norm (inf/nan when non-finite)."""
+    """Clip the global L2 norm of the gradients of `params` (plain tensors or FSDP2 DTensor shards) to `max_norm`
+    (<= 0: measure only); return the total norm as a 0-dim fp32 tensor, inf/nan when non-finite (then nothing is
+    scaled: the caller skips the step). torch's get_total_norm + clip_grads_with_norm_, as torchtitan does."""
+    params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    norms = [g.norm(2.0) for g in grads]
-    # DTensor norms are partial per rank: full_tensor() sums the squares across the mesh
-    total_sq = sum((n.full_tensor() if isinstance(n, DTensor) else n).float() ** 2 for n in norms)
-    total = total_sq.sqrt()
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(total, DTensor):  # a partial norm on each rank: one all-reduce of a scalar gives the full one
+        total = total.full_tensor()
+    total = total.float()
     if max_norm > 0 and torch.isfinite(total):
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.device))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
 
 

@@ -55,10 +55,8 @@ def encode_sft(processor, tokenizer, item) -> forward.Segment:
     """The conversation `prompt + <think> {reasoning} </think>\\n<answer> {label} </answer><|im_end|>\\n` as one
     Segment whose target_mask covers exactly the assistant tokens (the generation prompt itself is not a target)."""
     vl = processor is not None
-    owner = processor if vl else tokenizer
-    msgs = prompts.messages(item.question, item.options, len(item.images), vl)
-    prompt = prompts.render(owner, msgs)
-    full = prompts.render(owner, msgs, prompts.sft_target(item.reasoning or "", item.answer_label))
+    prompt = prompts.prompt_text(processor, tokenizer, item)
+    full = prompts.prompt_text(processor, tokenizer, item, prompts.sft_target(item.reasoning or "", item.answer_label))
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the prompt differently inside the full conversation")
     if vl:
@@ -67,11 +65,8 @@ def encode_sft(processor, tokenizer, item) -> forward.Segment:
     else:
         ids, pix, grid = tokenizer(full, return_tensors="pt", add_special_tokens=False)["input_ids"][0], None, None
     # prompt length = its text tokens + the extra <|image_pad|> copies the processor inserted per image
-    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    if grid is not None:
-        merge = processor.image_processor.merge_size
-        n_prompt += int((grid.prod(-1) // merge**2 - 1).sum())
     head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    n_prompt = len(head) + prompts.image_tokens(processor, item.images) - len(item.images)
     if vl and grid is not None:  # collapse the expanded pads to compare token by token
         pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
         got = [t for k, t in enumerate(ids[:n_prompt].tolist()) if not (t == pad and k > 0 and ids[k - 1] == pad)]

@@ -10,7 +10,7 @@ import time
 import torch
 
 from common import dist, speed
-from common.data import repair_tail
+from common.files import atomic_file, read_jsonl, repair_tail
 
 # Dense bf16 peak FLOP/s per GPU (vendor datasheets); MFU is reported only where the peak is known.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
@@ -90,13 +90,8 @@ class Logger:
         if not os.path.exists(self.path):
             return []
         rows = {}
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                rows[r["step"]] = r  # a resumed run rewrites the steps after its checkpoint: keep the last
+        for r in read_jsonl(self.path)[0]:  # a torn last line was cut at start (repair_tail); others are skipped
+            rows[r["step"]] = r  # a resumed run rewrites the steps after its checkpoint: keep the last
         return [rows[k] for k in sorted(rows)]
 
     def finish(self):
@@ -128,6 +123,6 @@ def plot_curves(rows: list, keys: list, path: str, title: str = "") -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)

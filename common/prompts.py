@@ -1,8 +1,13 @@
-"""The recipe's prompt, byte for byte (RECIPE §3): instruction, user text, chat messages and the SFT target.
+"""The prompt the model sees, byte for byte (RECIPE §3), and its length in tokens: the one place that builds it.
+
+    text = prompts.prompt_text(processor, tokenizer, item)           # generation prompt (rollouts, eval, pass counts)
+    full = prompts.prompt_text(processor, tokenizer, item, target)   # closed conversation (SFT)
+    n = prompts.prompt_tokens(processor, tokenizer, item)            # its length, image tokens included
 
 The instruction is a Python *raw* string upstream, so its `\\n` is a literal backslash followed by `n` (181
 characters in all), not a newline. Images come before the text in the single user turn and there is no system
-message, so the Qwen chat template adds its default system turn.
+message, so the Qwen chat template adds its default system turn. `processor` is None for a text-only model; an
+item is anything with `question`, `options` and `images` (common.data.Item).
 """
 
 INSTRUCTION = (
@@ -40,3 +45,32 @@ def render(template_owner, msgs: list[dict], assistant: str | None = None) -> st
     content = assistant if isinstance(msgs[0]["content"], str) else [{"type": "text", "text": assistant}]
     full = msgs + [{"role": "assistant", "content": content}]
     return template_owner.apply_chat_template(full, tokenize=False, add_generation_prompt=False)
+
+
+def prompt_text(processor, tokenizer, item, target: str | None = None) -> str:
+    """The exact text the model is given for `item`: the single user turn (one image placeholder per image) through
+    the chat template of the processor (vision-language) or the tokenizer (text-only), generation prompt included.
+    With `target` (the assistant turn, see sft_target) the closed conversation instead. Raises ValueError for an
+    item with images when `processor` is None."""
+    multimodal = processor is not None
+    owner = processor if multimodal else tokenizer
+    return render(owner, messages(item.question, item.options, len(item.images), multimodal), target)
+
+
+def image_tokens(processor, images) -> int:
+    """`<|image_pad|>` tokens the processor expands `images` (PIL) into, all together: per image, its grid of 14-pixel
+    patches after the processor's own resize (sides to multiples of 28, min/max_pixels) over merge_size**2 (2x2
+    patches make one token; at Qwen2.5-VL's defaults a 1024x1024 image gives 1,369). 0 without images."""
+    if not images:
+        return 0
+    ip = processor.image_processor
+    return sum(ip.get_number_of_image_patches(im.height, im.width, {}) // ip.merge_size**2 for im in images)
+
+
+def prompt_tokens(processor, tokenizer, item, target: str | None = None) -> int:
+    """Length in tokens of prompt_text(processor, tokenizer, item, target) as the model receives it: the text's
+    tokens (no special tokens added) with each image's one placeholder expanded to image_tokens. Only the images'
+    sizes are read."""
+    text = prompt_text(processor, tokenizer, item, target)
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return n + image_tokens(processor, item.images) - len(item.images)

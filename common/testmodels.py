@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from common.files import atomic_dir
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -156,17 +158,10 @@ def convert_smollm2(folder: str) -> str:
     model.tie_weights()
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    tmp = folder.rstrip("/") + ".tmp"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, folder) if not os.path.exists(folder) else _move_into(tmp, folder)
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return folder
-
-
-def _move_into(tmp: str, folder: str) -> None:
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    os.rmdir(tmp)
 
 
 if __name__ == "__main__":  # python -m common.testmodels {smollm2|tiny_vl|tiny_vl_vllm|tiny_text} FOLDER

@@ -79,7 +79,7 @@ def test_bound_image_follows_recipe():
 @pytest.mark.parametrize("content", [b"", b'{"a": 1}\n', b'{"a": 1}\n{"b"', b'{"b"', b"x\n" + b"y" * 200_000,
                                      b"x\n" * 50_000 + b"z" * 70_000, b"\n"])
 def test_repair_tail_cuts_exactly_the_torn_last_line(tmp_path, content):
-    from common.data import repair_tail
+    from common.files import repair_tail
 
     p = tmp_path / "items.jsonl"
     p.write_bytes(content)

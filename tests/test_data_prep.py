@@ -132,7 +132,7 @@ def test_prompt_tokens_count_image_tokens_exactly(tiny_vl, sample_data):
         item = parse_row(row)
         p = G.Prompt(prompts.render(proc, prompts.messages(item.question, item.options, len(item.images), True)),
                      item.images)
-        assert dp.prompt_tokens(proc, tok, item) == len(G.encode(proc, tok, p).ids)
+        assert prompts.prompt_tokens(proc, tok, item) == len(G.encode(proc, tok, p).ids)
 
 
 def test_pmc_vqa_cleaning_rules(tmp_path):

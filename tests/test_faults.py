@@ -1,19 +1,17 @@
-"""Reliability, the CI-sized subset of bench/faults.py (same code): kill -9 and resume, broken saves, NaNs, full or
-unwritable disks, a dying rank, a fuzz corpus, adversarial completions, unsafe checkpoints and folders.
+"""Reliability, the CI-sized subset of bench/faults.py (same code: tests/fault_trials.py): kill -9 and resume, broken
+saves, NaNs, full or unwritable disks, a dying rank, a fuzz corpus, adversarial completions, unsafe checkpoints and
+folders.
 
     pytest -q tests/test_faults.py          (python bench/faults.py runs >= 10 kill trials per stage)"""
 
 import os
 import pickle
 import random
-import sys
 
 import pytest
 
+import fault_trials as faults
 from conftest import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import faults  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -55,21 +55,20 @@ def test_loss_mask_is_exactly_the_assistant_turn(request, sample_data, fixture, 
 
 @pytest.mark.parametrize("fixture", ["tiny_vl", "smollm2"])
 def test_upfront_length_is_the_encoded_length(request, sample_data, fixture):
-    """sft.py skips over-long rows before training from a count that never renders or encodes a row; it must equal
-    the length of the conversation the loop encodes (else a row just over max_length stops the run mid-way)."""
+    """sft.py skips over-long rows before training from a count that decodes no image and runs no processor; it must
+    equal the length of the conversation the loop encodes (else a row just over max_length stops the run mid-way)."""
     proc, tok = load_processor(request.getfixturevalue(fixture))
-    overhead = sft.template_overhead(proc or tok, tok, proc is not None)
     text = list(load_rows(os.path.join(sample_data, "text")))
     assert text[0]["prompt_tokens"] == -1  # not counted by data_prep: the count comes from the text and template
     for row in text[:8]:
         item = parse_row(row)
         want = len(encode_sft(proc, tok, item).ids)
-        assert sft.conversation_tokens(tok, item, overhead, row["prompt_tokens"]) == want
+        assert sft.conversation_tokens(proc, tok, item, row["prompt_tokens"]) == want
     if proc is not None:  # image rows: data_prep's prompt count (image tokens included, tested there) + the rest
         for row in list(load_rows(os.path.join(sample_data, "image")))[:3]:
             item = parse_row(row)
             seg = encode_sft(proc, tok, item)
-            assert sft.conversation_tokens(tok, item, overhead, int((~seg.target_mask).sum())) == len(seg.ids)
+            assert sft.conversation_tokens(proc, tok, item, int((~seg.target_mask).sum())) == len(seg.ids)
 
 
 def _grads(tmp_path, tiny_vl, sample_data, nproc, micro, rows):

@@ -7,6 +7,7 @@ Prints nothing useful; writes its measurements to OUT.json and raises on the fir
 
 import json
 import sys
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
@@ -19,15 +20,19 @@ QUESTIONS = ["Which organ produces insulin?", "Which vitamin deficiency causes s
 OPTIONS = {"A": "Liver", "B": "Pancreas", "C": "Kidney", "D": "Gallbladder"}
 
 
+def _Item(question, options, images=()):
+    return SimpleNamespace(question=question, options=options, images=list(images))
+
+
 def text_prompts(tok):
-    return [G.Prompt(prompts.render(tok, prompts.messages(q, OPTIONS, 0, False))) for q in QUESTIONS]
+    return [G.Prompt(prompts.prompt_text(None, tok, _Item(q, OPTIONS))) for q in QUESTIONS]
 
 
 def image_prompts(proc):
     out = []
     for i, q in enumerate(QUESTIONS[:3]):
         imgs = [Image.new("RGB", (84 + 14 * i, 70), (60 * i, 120, 200 - 50 * i))] if i != 1 else []
-        out.append(G.Prompt(prompts.render(proc, prompts.messages(q, OPTIONS, len(imgs), True)), imgs))
+        out.append(G.Prompt(prompts.prompt_text(proc, None, _Item(q, OPTIONS, imgs)), imgs))
     return out
 
 
