@@ -178,7 +178,7 @@ def test_killed_node_fails_the_job_and_resume_auto_equals_one_node(runs, stage):
     finally:
         for p in started:
             kill_node(p)
-    assert "resumed from" in _log(work, tag + "-resumed", 0) + _log(work, tag + "-resumed", 1)
+    assert any("resumed from" in (work / f"{tag}-resumed-node{n}.log").read_text() for n in (0, 1))  # rank 0 says so
     got = result(stage, out)
     assert got[0] == ref[0]
     assert got[1] == ref[1], "final weights differ"
