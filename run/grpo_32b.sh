@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The recipe's RL(m23k) for Qwen2.5-VL-32B: 4 nodes x 8 GPUs, 128 prompts x 8 per step, 5 epochs -> step 645.
 #   NNODES=4 NODE_RANK=$i MASTER_ADDR=node0 bash run/grpo_32b.sh     # on each of the 4 nodes
+#   sbatch run/grpo_32b.sbatch                                      # the same under SLURM
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NNODES=${NNODES:-4}

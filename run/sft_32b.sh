@@ -3,6 +3,7 @@
 # lr 1e-5 cosine + 5 % warmup, AdamW (0.9, 0.95), wd 1e-4, bf16, 5 epochs with a save each (released: epoch_3).
 #   bash run/sft_32b.sh                 # SFT(m23k): text traces
 #   DATA=image bash run/sft_32b.sh      # SFT(PMC): GPT-4o CoT on PMC-VQA
+#   sbatch run/sft_32b.sbatch           # either, on upstream's 2 nodes x 8 GPUs, under SLURM
 # Extra flags are forwarded: bash run/sft_32b.sh --max_steps 10
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,16 +1,20 @@
 """Every run/ launcher, in every variant, names only flags its script has, with values of the right type.
 
 The launchers are the recipe written down; a renamed flag would otherwise surface only on a GPU cluster, after the
-queue. DRY_RUN=1 makes them print the command instead of running it, and cli.parse checks it the way the script will.
+queue. DRY_RUN=1 makes them print the command instead of running it, and cli.parse checks it the way the script will
+(torchrun's own flags: torchrun's parser). The SLURM launchers run here without SLURM: the test sets the variables
+sbatch would, from the file's #SBATCH lines, and each node's command is printed in turn.
 The scripts themselves: every flag has a default and a comment, and --help shows both.
 """
 
 import os
+import re
 import shlex
 import subprocess
 import sys
 
 import pytest
+from torch.distributed.run import parse_args as torchrun_parse
 
 import data_prep
 import evaluate
@@ -28,18 +32,51 @@ CASES += [("grpo_32b.sh", {"NODE_RANK": "0", "MASTER_ADDR": "node0"}), ("eval.sh
 CASES += [("data_prep.sh", {})]
 
 
-def commands(script: str, env: dict, args=()) -> list[list[str]]:
-    """The python commands a launcher would run, as argv lists starting at the script name."""
+def slurm_env(script: str) -> dict:
+    """The variables sbatch would set for run/<script> (node count and GPUs from its #SBATCH lines), no SLURM needed."""
+    head = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", open(os.path.join(ROOT, "run", script)).read(), re.M))
+    nodes = int(head["nodes"])
+    assert head["ntasks-per-node"] == "1", "one torchrun per node"
+    return {"SLURM_JOB_NUM_NODES": str(nodes), "SLURM_GPUS_ON_NODE": head["gpus-per-node"],
+            "SLURM_JOB_NODELIST": ",".join(f"gpu-{i}" for i in range(nodes))}
+
+
+SBATCH = ["sft_32b.sbatch", "grpo_32b.sbatch"]
+CASES += [(s, slurm_env(s)) for s in SBATCH]
+CASES += [("sft_32b.sbatch", {**slurm_env("sft_32b.sbatch"), "DATA": "image"})]
+
+
+def launch_lines(script: str, env: dict, args=()) -> list[list[str]]:
+    """Every command line a launcher prints under DRY_RUN=1, as words (the launcher first: torchrun, python...)."""
     e = {**os.environ, "DRY_RUN": "1", **env}
     p = subprocess.run(["bash", f"run/{script}", *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     out = []
     for line in p.stdout.splitlines():
         words = shlex.split(line.removeprefix("+ "))
-        start = [i for i, w in enumerate(words) if w in SCRIPTS]
-        if start:
-            out.append(words[start[0]:])
+        if any(w in SCRIPTS for w in words):
+            out.append(words)
     return out
+
+
+def split(words: list[str]) -> tuple[list[str], list[str]]:
+    """(the launcher's words, the argv from the script name on)."""
+    i = next(i for i, w in enumerate(words) if w in SCRIPTS)
+    return words[:i], words[i:]
+
+
+def commands(script: str, env: dict, args=()) -> list[list[str]]:
+    """The python commands a launcher would run, as argv lists starting at the script name."""
+    return [split(w)[1] for w in launch_lines(script, env, args)]
+
+
+def torchrun_args(words: list[str]):
+    """torchrun's parse of a printed torchrun line: an unknown or ill-typed torchrun flag fails here."""
+    assert words[0] == "torchrun", words[:3]
+    try:
+        return torchrun_parse(words[1:])
+    except SystemExit:
+        raise AssertionError(f"torchrun rejects: {' '.join(split(words)[0])}") from None
 
 
 def check(argv: list[str]):
@@ -52,14 +89,41 @@ def check(argv: list[str]):
     return cli.parse(fn, rest)
 
 
-@pytest.mark.parametrize("script,env", CASES, ids=[f"{s}:{'-'.join(e.values()) or 'default'}" for s, e in CASES])
+def _id(script, env):
+    return f"{script}:{'-'.join(v for k, v in env.items() if not k.startswith('SLURM_')) or 'default'}"
+
+
+@pytest.mark.parametrize("script,env", CASES, ids=[_id(s, e) for s, e in CASES])
 def test_launcher_flags_exist(script, env):
     args = ("7b",) if script == "eval.sh" else ()
-    cmds = commands(script, env, args)
-    assert cmds, f"run/{script} printed no command"
-    for argv in cmds:
+    lines = launch_lines(script, env, args)
+    assert lines, f"run/{script} printed no command"
+    for words in lines:
+        launcher, argv = split(words)
         kwargs = check(argv)
         assert kwargs, argv
+        if launcher[:1] == ["torchrun"]:
+            assert torchrun_args(words).training_script == argv[0]
+
+
+@pytest.mark.parametrize("script", SBATCH)
+def test_sbatch_runs_the_recipe_once_per_node_with_the_first_node_as_rendezvous(script):
+    env = slurm_env(script)
+    nodes, gpus = int(env["SLURM_JOB_NUM_NODES"]), int(env["SLURM_GPUS_ON_NODE"])
+    lines = launch_lines(script, env, ("--max_steps", "3"))
+    assert len(lines) == nodes
+    recipe = script.replace(".sbatch", ".sh")  # the one copy of the flags, forwarded with the extra ones
+    (one_node,) = commands(recipe, {"NNODES": "1"}, ("--max_steps", "3"))
+    for node, words in enumerate(lines):
+        a = torchrun_args(words)
+        assert (a.nnodes, a.node_rank, a.nproc_per_node) == (str(nodes), node, str(gpus))
+        assert (a.rdzv_backend, a.rdzv_endpoint.split(":")[0], a.standalone) == ("c10d", "gpu-0", False)
+        assert split(words)[1] == one_node
+    kw, world = check(one_node), nodes * gpus  # the batch divides over every rank of the job
+    if script.startswith("sft"):
+        sft.batch_plan(kw["global_batch"], kw["micro_batch"], world)
+    else:
+        assert kw["train_batch"] % world == kw["mini_batch"] % world == kw["train_batch"] % kw["mini_batch"] == 0
 
 
 def test_launcher_values_follow_recipe():

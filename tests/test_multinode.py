@@ -1,0 +1,184 @@
+"""Multi-node, simulated on one machine: two torchrun agents (--nnodes 2, one process each, c10d rendezvous on
+localhost, gloo) must give exactly what one node with two processes gives, also after one node is killed and both
+agents are started again with --resume auto.
+
+    pytest -q -m slow tests/test_multinode.py
+
+What a real cluster adds and this cannot show: a network between the nodes, a shared filesystem for out/ (here
+both nodes write one local folder) and GPUs (nccl). run/*.sbatch starts the same torchrun command on each node.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import PY, ROOT, torchrun
+from test_grpo import TOY, toy_images  # noqa: F401  (toy_images is a fixture: the 2-rank GRPO test's data)
+from test_sft import _args as sft_args
+
+pytestmark = pytest.mark.slow
+
+# torchrun sets OMP_NUM_THREADS=1 only when it starts several processes per node, so one process per node would run
+# with both cores: another thread count may round CPU matmuls differently (it changed SmolLM2's samples in
+# test_grpo.py; these tiny runs measured equal either way). Same threads, same numbers; also kinder to 2 shared cores.
+ENV = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+KEYS = {"sft": ["loss", "grad_norm", "lr", "loss_tokens"], "grpo": ["reward", "pg_loss", "kl", "grad_norm", "len_mean"]}
+# a checkpoint after every step, so one exists to resume from; a short collective timeout, so a lost node ends the job
+COMMON = ["--max_steps", "2", "--save_every", "1", "--timeout_s", "60"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_nodes(argv: list, logs, tag: str) -> list:
+    """Start one torchrun agent per simulated node, each in its own session (so a node can be killed as a whole).
+    Node 0 hosts the c10d store, as the first node of a SLURM job does (its hostname is the endpoint's)."""
+    port, procs = _free_port(), []
+    for node in (0, 1):
+        cmd = [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_conf",
+               f"is_host={int(node == 0)}", *argv]
+        with open(logs / f"{tag}-node{node}.log", "w") as log:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    return procs
+
+
+def _tree(pid: int) -> list:
+    """pid and all its descendants (torchrun starts its workers in sessions of their own)."""
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def kill_node(proc) -> None:
+    """SIGKILL a node: the agent's process group and the group of every process below it, all at once."""
+    if proc.poll() is not None:  # ended (and reaped): its pid may belong to someone else by now
+        return
+    groups = set()
+    for pid in _tree(proc.pid):
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    for g in groups:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def _log(logs, tag, node) -> str:
+    return (logs / f"{tag}-node{node}.log").read_text()[-3000:]
+
+
+def wait_nodes(procs, logs, tag, timeout=300) -> None:
+    deadline = time.time() + timeout
+    for node, p in enumerate(procs):
+        p.wait(timeout=max(1, deadline - time.time()))
+        assert p.returncode == 0, f"{tag} node {node} exited {p.returncode}:\n{_log(logs, tag, node)}"
+
+
+def result(stage: str, out) -> tuple:
+    """(the per-step metrics that must match exactly, the final export's bytes); a resumed step's last line wins."""
+    rows = {}
+    for line in open(os.path.join(out, "metrics.jsonl")):
+        r = json.loads(line)
+        rows.setdefault(r["step"], {}).update(r)
+    metrics = [[rows[s][k] for k in KEYS[stage]] for s in sorted(rows)]
+    return metrics, (out / "final" / "model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_vl, sample_data, toy_images):  # noqa: F811
+    """get(stage) -> (argv builder, the single-node 2-rank result, a work folder); each reference run happens once.
+    The flags are those of the 2-rank tests in test_sft.py and test_grpo.py, plus COMMON."""
+    work = tmp_path_factory.mktemp("multinode")
+    argv = {
+        "sft": lambda out: [*sft_args(tiny_vl, os.path.join(sample_data, "image"), out), "--micro_batch", "1", *COMMON],
+        "grpo": lambda out: ["grpo.py", "--model", tiny_vl, "--data", toy_images, *TOY, "--mini_batch", "8",
+                             "--kl_coef", "0.01", "--out", str(out), *COMMON],
+    }
+    refs = {}
+
+    def get(stage):
+        if stage not in refs:
+            out = work / f"{stage}-one-node"
+            torchrun(*argv[stage](out), timeout=300)
+            refs[stage] = result(stage, out)
+            assert len(refs[stage][0]) == 2
+        return argv[stage], refs[stage], work
+
+    return get
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_two_nodes_equal_one_node(runs, stage):
+    argv, ref, work = runs(stage)
+    out, tag = work / f"{stage}-two-nodes", f"{stage}-two-nodes"
+    procs = start_nodes(argv(out), work, tag)
+    try:
+        wait_nodes(procs, work, tag)
+    finally:
+        for p in procs:
+            kill_node(p)
+    got = result(stage, out)
+    assert got[0] == ref[0]
+    assert got[1] == ref[1], "final weights differ"
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_killed_node_fails_the_job_and_resume_auto_equals_one_node(runs, stage):
+    argv, ref, work = runs(stage)
+    out, tag = work / f"{stage}-killed", f"{stage}-killed"
+    procs = start_nodes(argv(out), work, tag)
+    started = list(procs)
+    try:
+        # wait until the step-1 checkpoint is complete (renamed with its COMPLETE marker), then kill node 1 at once
+        marker = out / "ckpt" / "step_000001" / "COMPLETE"
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert all(p.poll() is None for p in procs), f"a node ended before the first checkpoint:\n" \
+                f"{_log(work, tag, 0)}\n{_log(work, tag, 1)}"
+            assert time.time() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.02)
+        kill_node(procs[1])
+        t = time.time()
+        # the survivor must fail, not hang: gloo sees the closed connection, --timeout_s 60 bounds the rest
+        rc = procs[0].wait(timeout=180)
+        seconds = time.time() - t
+        assert rc != 0, f"node 0 finished the run before node 1 was killed:\n{_log(work, tag, 0)}"
+        print(f"{stage}: node 0 failed {seconds:.1f} s after node 1 was killed (exit {rc})")
+        assert seconds < 120, seconds
+        procs = start_nodes([*argv(out), "--resume", "auto"], work, tag + "-resumed")
+        started += procs
+        wait_nodes(procs, work, tag + "-resumed")
+    finally:
+        for p in started:
+            kill_node(p)
+    assert any("resumed from" in (work / f"{tag}-resumed-node{n}.log").read_text() for n in (0, 1))  # rank 0 says so
+    got = result(stage, out)
+    assert got[0] == ref[0]
+    assert got[1] == ref[1], "final weights differ"
