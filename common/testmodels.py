@@ -77,8 +77,10 @@ def build_tiny_vl(folder: str, seed: int = 0, hidden: int = 64, layers: int = 2)
 
     tok = build_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    half = hidden // 4 // 2  # 4 heads; M-RoPE splits head_dim / 2 frequencies into (time, height, width)
-    mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]  # 64 -> [2, 3, 3]
+    # 4 heads; M-RoPE splits head_dim / 2 rotary frequencies into (time, height, width): 8 -> [2, 3, 3], 16 -> [4, 6, 6]
+    half = hidden // 4 // 2
+    t = half // 4
+    mrope = [t, (half - t) // 2, half - t - (half - t) // 2]
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
