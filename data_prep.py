@@ -653,6 +653,8 @@ def passrate(
     judge = grading.strict_reward if grader == "strict" else inference_correct
     rows = load_rows(data)
     total = len(rows) if limit < 0 else min(limit, len(rows))
+    if engine == "vllm" and d.world_size % tp:
+        raise SystemExit(f"--tp {tp} must divide the {d.world_size} ranks (vLLM tensor-parallel groups)")
     dp, dp_rank = (d.world_size // tp, d.rank // tp) if engine == "vllm" else (d.world_size, d.rank)
     per = math.ceil(total / dp)
     lo, hi = dp_rank * per, min(total, (dp_rank + 1) * per)

@@ -267,6 +267,8 @@ def main(
         raise SystemExit("no usable items: check --data / --benchmarks")
 
     # Shard: rank r takes a contiguous block (tensor-parallel vllm groups share one)
+    if engine == "vllm" and d.world_size % tp:
+        raise SystemExit(f"--tp {tp} must divide the {d.world_size} ranks (vLLM tensor-parallel groups)")
     dp, dp_rank = (d.world_size // tp, d.rank // tp) if engine == "vllm" else (d.world_size, d.rank)
     per = math.ceil(len(items) / dp)
     mine = items[dp_rank * per : (dp_rank + 1) * per]

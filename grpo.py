@@ -479,18 +479,18 @@ def main(
     split: str = "train",  # split of a hub dataset
     shuffle: bool = True,  # recipe's released runs shuffle (seed 1); false = the stored easy-to-hard order
     data_seed: int = 1,  # recipe: verl data.seed 1 for the shuffled sampler
-    max_prompt_length: int = 2048,  # longer prompts are skipped and counted (data_prep filters them already)
+    max_prompt_length: int = 2048,  # rows whose data_prep prompt_tokens exceed it are skipped and counted; others stop the run
     epochs: int = -1,  # -1 = recipe (5 for text, 1 for image, else 1)
     max_steps: int = -1,  # stop early
     # Rollout
-    engine: str = "auto",  # auto = vllm on GPU when installed, else hf | vllm | hf
+    engine: str = "auto",  # auto (vllm on GPU when installed, else hf) | vllm | hf
     group_size: int = 8,  # responses per prompt (the recipe's rollout.n; torchrun would misread a flag named --n)
     temperature: float = 1.0,  # rollout sampling (recipe 1.0)
     top_p: float = 1.0,  # rollout nucleus sampling (recipe 1.0 = off)
     max_new_tokens: int = 4096,  # rollout response cap (recipe 4096)
     rollout_batch: int = 64,  # prompts per generate call (hf engine)
     tp: int = -1,  # vllm tensor parallel (-1 = size table: 2 for 3b/7b)
-    gpu_memory_utilization: float = 0.6,  # vllm KV cache share while colocated
+    gpu_memory_utilization: float = 0.6,  # share of GPU memory vLLM may take (weights + KV cache); ignored on CPU
     reward: str = "",  # '' = strict recipe reward | module:function
     # Algorithm
     train_batch: int = 256,  # prompts per step, all ranks together
@@ -543,6 +543,8 @@ def main(
         raise SystemExit(f"--engine {engine!r}: choose auto, vllm or hf")
     if engine == "auto":
         engine = "vllm" if d.device.type == "cuda" and importlib.util.find_spec("vllm") else "hf"
+    if engine == "vllm" and d.world_size % tp:
+        raise SystemExit(f"--tp {tp} must divide the {d.world_size} ranks (vLLM tensor-parallel groups)")
     epochs = EPOCHS.get(data, 1) if epochs < 0 else epochs
     src = DATASETS.get(data, data)
     if data in DATASETS and not os.path.exists(src):
@@ -676,7 +678,8 @@ def main(
         t = time.time()
         if engine == "vllm":
             llm.mark_stale()
-            llm.push_weights()
+            if step + 1 < total:  # after the last update only a final validation generates: it pushes on demand
+                llm.push_weights()
         times["sync"] = time.time() - t
         step += 1
 

@@ -8,6 +8,7 @@ never half of one. A kill can leave a `.tmp-<pid>` behind; no reader looks at th
 import contextlib
 import json
 import os
+import socket
 import shutil
 
 
@@ -133,7 +134,7 @@ def check_output(out: str, need_bytes: int = 0) -> None:
     has fewer than `need_bytes` free."""
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        probe = os.path.join(out, f".write-test-{socket.gethostname()}-{os.environ.get('RANK', '0')}-{os.getpid()}")
         with open(probe, "wb") as f:
             f.write(b"x" * 4096)
             f.flush()

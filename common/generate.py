@@ -354,6 +354,8 @@ class VLLMEngine:
 
         from vllm.distributed.parallel_state import destroy_model_parallel
 
+        if self.llm is None:
+            return
         llm, self.llm = self.llm, None
         engine_core = getattr(llm.llm_engine, "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):

