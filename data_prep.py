@@ -646,7 +646,8 @@ def passrate(
     out: str = "data/passrate",  # folder: counts.jsonl (+ per-rank shards while running)
 ):
     """Pass count per dataset_index: how many of n samples the model gets right. Resumable, sharded over ranks."""
-    from common.generate import HFEngine, Prompt, VLLMEngine, row_seed
+    from common.generate import HFEngine, Prompt, row_seed
+    from common.vllm_engine import VLLMEngine
     from common.model import load_model, load_processor, resolve
 
     d = dist.init(seed=seed)

@@ -28,7 +28,8 @@ from common import cli, dist, grading, prompts, speed
 from common.data import RowError, data_root, load_rows, parse_row
 from common.faults import crash_point
 from common.files import atomic_file, check_output, read_jsonl, repair_tail, write_json, write_jsonl
-from common.generate import HFEngine, Prompt, VLLMEngine, row_seed
+from common.generate import HFEngine, Prompt, row_seed
+from common.vllm_engine import VLLMEngine
 from common.model import load_model, load_processor, resolve
 
 # dataset_name -> column of the paper's tables, in their order (RECIPE §8)

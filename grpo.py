@@ -39,7 +39,8 @@ from common import checkpoint, cli, dist, forward, fsdp, grading, prompts, speed
 from common.data import RowError, data_root, load_rows, parse_row
 from common.faults import crash_point, poison
 from common.files import check_output, write_json
-from common.generate import HFEngine, Prompt, VLLMEngine, encode, row_seed
+from common.generate import HFEngine, Prompt, encode, row_seed
+from common.vllm_engine import VLLMEngine
 from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
 from common.model import build_meta, flops_per_token, load_processor, resolve
 

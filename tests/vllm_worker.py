@@ -14,6 +14,7 @@ from PIL import Image
 
 from common import dist, generate as G, prompts
 from common.model import banned_token_ids, load_model, load_processor
+from common.vllm_engine import VLLMEngine
 
 QUESTIONS = ["Which organ produces insulin?", "Which vitamin deficiency causes scurvy?",
              "Which cells carry oxygen in the blood?", "Where is bile stored?"]
@@ -58,7 +59,7 @@ def zero_engine_weights(worker):
     with torch.no_grad():
         for p in worker.model_runner.get_model().parameters():
             p.zero_()
-    from common.generate import _refresh_lm_heads
+    from common.vllm_engine import _refresh_lm_heads
 
     _refresh_lm_heads(worker)
 
@@ -73,7 +74,7 @@ def parity(smollm2: str, tiny_vl: str, out: str):
     hf = G.HFEngine(model, None, tok, batch_size=4)
     ps = text_prompts(tok)
     ref = hf.generate(ps, max_new_tokens=24)
-    eng = G.VLLMEngine(smollm2, tok, dtype="fp32", is_vl=False, dummy_weights=True, max_model_len=1024,
+    eng = VLLMEngine(smollm2, tok, dtype="fp32", is_vl=False, dummy_weights=True, max_model_len=1024,
                        weight_source=lambda: model.named_parameters())
     assert eng.weights == "stale", eng.weights
     got = eng.generate(ps, max_new_tokens=24, logprobs=True)
@@ -159,7 +160,7 @@ def parity(smollm2: str, tiny_vl: str, out: str):
     vmodel = load_model(tiny_vl, dtype="fp32").eval()
     vps = image_prompts(proc)
     vref = G.HFEngine(vmodel, proc, vtok, batch_size=3).generate(vps, max_new_tokens=16)
-    veng = G.VLLMEngine(tiny_vl, vtok, dtype="fp32", is_vl=True, max_model_len=1024)
+    veng = VLLMEngine(tiny_vl, vtok, dtype="fp32", is_vl=True, max_model_len=1024)
     vgot = veng.generate(vps, max_new_tokens=16)
     for r, g in zip(vref, vgot):
         assert r[0].token_ids == g[0].token_ids, (r[0].token_ids, g[0].token_ids)
