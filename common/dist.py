@@ -69,8 +69,14 @@ def seed_all(seed: int) -> None:
 
 
 def cleanup() -> None:
-    """Destroy the process group (shut a vLLM engine down first: VLLMEngine.shutdown) and unset what init set."""
+    """Destroy the process group (shut a vLLM engine down first: VLLMEngine.shutdown) and unset what init set.
+
+    The ranks meet in a barrier first, so none tears its gloo/NCCL connections down while a peer is still in a
+    collective or writing a checkpoint (one rank aborting at exit, `terminate called without an active exception`,
+    was seen in CI when rank 1 left while rank 0 was still saving)."""
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
     for k, v in list(_OWN_ENV.items()):
         if os.environ.get(k) == v:
