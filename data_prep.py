@@ -10,7 +10,8 @@ old folder or none, never half of one.
     python data_prep.py eval --vqa_rad ../shared/data/real/vqa_rad --out data/eval_raw   # or from raw benchmark files
     python data_prep.py text --medqa medqa/train.jsonl --headqa headqa/train_HEAD_EN.json --out data/text
     python data_prep.py pmc_vqa --csv PMC-VQA/train.csv --images PMC-VQA/images --out data/pmc_vqa
-    torchrun --nproc_per_node 8 data_prep.py passrate --data data/text --model 3b --engine vllm --out data/passrate
+    torchrun --nproc_per_node 8 evaluate.py --model 3b --engine vllm --data data/text --runs 1 --samples 16 \
+        --temperature 1.0 --out data/passrate                      # pass counts are an evaluation (RECIPE §2.1)
     python data_prep.py filter --data data/text --passrate data/passrate --out data/text_e2h   # keep 1..7 of 16
     python data_prep.py sft --data data/pmc_vqa --traces gpt4o_rollouts/items.jsonl --out data/pmc_vqa_sft
     python data_prep.py decontaminate --train data/text --eval data/eval --drop true --out data/text_clean
@@ -25,7 +26,6 @@ import csv
 import functools
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -36,9 +36,9 @@ from collections import Counter
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from common import cli, dist, grading, prompts, speed
+from common import cli, prompts
 from common.data import RowError, bound_image, data_root, features, load_rows, parse_row, to_row
-from common.files import atomic_dir, iter_jsonl, read_jsonl, repair_tail, write_json, write_jsonl
+from common.files import atomic_dir, iter_jsonl, read_jsonl, write_json, write_jsonl
 from common.sample_facts import FACTS
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -621,127 +621,54 @@ def pmc_vqa(
     write_set(rows, out, flags, source, root, True, tokenizer, max_prompt_length, table=table, num_proc=num_proc)
 
 
-def inference_correct(response: str, answer: str, answer_label: str) -> bool:
-    """The grader upstream counted pass rates with (RECIPE §2.1): first <answer> block (DOTALL), else the text."""
-    i = response.find("<answer>")
-    j = response.find("</answer>", i + 8) if i != -1 else -1
-    pred = response[i + 8 : j] if j != -1 else response
-    return grading.grade_answer(pred.strip(), answer, answer_label)
+def pass_counts(path: str, grader: str = "inference") -> tuple[dict, int]:
+    """{dataset_index: number of samples graded correct} and n (samples per item) from evaluate.py's items.jsonl.
 
-
-def passrate(
-    data: str = "data/text",  # a folder written by this script
-    model: str = "3b",  # the base model whose pass counts pick the data (recipe: the 3B for every size)
-    engine: str = "hf",  # hf | vllm
-    samples: int = 16,  # samples per item (the recipe's n)
-    temperature: float = 1.0,  # recipe: 1.0
-    top_p: float = 1.0,  # recipe: 1.0
-    max_new_tokens: int = 4096,  # recipe: 4096
-    seed: int = 42,  # sampling seeds derive from it and each dataset_index (recipe 42)
-    batch_size: int = 16,  # prompts per generate call
-    grader: str = "inference",  # inference = upstream's (first <answer>, no format check) | strict = the RL reward
-    dtype: str = "bf16",  # bf16 | fp16 | fp32
-    tp: int = 1,  # vllm tensor parallel
-    limit: int = -1,  # first N items only (-1 = all)
-    out: str = "data/passrate",  # folder: counts.jsonl (+ per-rank shards while running)
-):
-    """Pass count per dataset_index: how many of n samples the model gets right. Resumable, sharded over ranks."""
-    from common.generate import HFEngine, Prompt, row_seed
-    from common.vllm_engine import VLLMEngine
-    from common.model import load_model, load_processor, resolve
-
-    d = dist.init(seed=seed)
-    judge = grading.strict_reward if grader == "strict" else inference_correct
-    rows = load_rows(data)
-    total = len(rows) if limit < 0 else min(limit, len(rows))
-    if engine == "vllm" and d.world_size % tp:
-        raise SystemExit(f"--tp {tp} must divide the {d.world_size} ranks (vLLM tensor-parallel groups)")
-    dp, dp_rank = (d.world_size // tp, d.rank // tp) if engine == "vllm" else (d.world_size, d.rank)
-    per = math.ceil(total / dp)
-    lo, hi = dp_rank * per, min(total, (dp_rank + 1) * per)
-    os.makedirs(out, exist_ok=True)
-    shard = os.path.join(out, f"counts.rank{d.rank}.jsonl")
-    repair_tail(shard)
-    done = set()
-    shards = [os.path.join(out, f) for f in os.listdir(out) if f.startswith("counts.rank")]
-    for path in [os.path.join(out, "counts.jsonl"), *shards]:
-        if os.path.exists(path):  # an unreadable line leaves its item to be counted again
-            done.update(r["dataset_index"] for r in read_jsonl(path)[0] if "dataset_index" in r)
-    processor, tok = load_processor(model)
-    if engine == "vllm":
-        gen = VLLMEngine(resolve(model), tok, tp=tp, seed=seed, dtype=dtype, is_vl=processor is not None)
-    else:
-        speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
-        gen = HFEngine(load_model(model, dtype=dtype, device=d.device).eval(), processor, tok, batch_size)
-    todo, skipped = [], 0
-    for i in range(lo, hi):
-        try:
-            item = parse_row(rows[i], data)
-        except RowError as e:
-            print(f"row {i}: {e}; skipped", flush=True)
-            skipped += 1
+    `path` is evaluate's output folder or its items.jsonl; every record is one sample, graded by every grader
+    (`correct_<grader>`). Records with an `error` (generation failed) count as not evaluated. Raises SystemExit when
+    the file is missing, has unreadable lines, lacks the grader's field, mixes sample counts, or holds one
+    dataset_index under two dataset_names (pass counts are keyed by dataset_index, RECIPE §2.2)."""
+    path = path if path.endswith(".jsonl") else os.path.join(path, "items.jsonl")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: not found (run evaluate.py --runs 1 --samples 16 --temperature 1.0 --out ... first)")
+    records, bad = read_jsonl(path)
+    if bad:  # evaluate.py writes this file whole when it finishes: a bad line is damage, not a kill
+        raise SystemExit(f"{path}: {len(bad)} unreadable line(s), e.g. {bad[0]}")
+    field = "correct_" + grader
+    counts, n, names = Counter(), Counter(), {}
+    for k, r in enumerate(records):
+        if "error" in r:
             continue
-        if item.dataset_index not in done:
-            todo.append(item)
-    t0 = time.time()
-    bar = tqdm(total=len(todo), desc="passrate", unit="item", disable=not d.is_main, dynamic_ncols=True)
-    with open(shard, "a") as f:
-        for b in range(0, len(todo), batch_size):
-            batch = todo[b : b + batch_size]
-            ps = [Prompt(prompts.prompt_text(processor, tok, it), it.images) for it in batch]
-            outs = gen.generate(ps, n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                seeds=[row_seed(seed, it.dataset_index) for it in batch])
-            for it, got in zip(batch, outs):
-                c = sum(bool(judge(s.text, it.answer, it.answer_label)) for s in got)
-                f.write(json.dumps({"dataset_index": it.dataset_index, "num_correct": c, "n": samples}) + "\n")
-            f.flush()
-            bar.update(len(batch))
-    bar.close()
-    rate = dist.all_reduce_sum(len(todo)) / max(1e-9, time.time() - t0)  # items/s over all ranks
-    if engine == "vllm":
-        gen.shutdown()  # before our process group goes (vLLM's groups are built on it)
-    skipped = int(dist.all_reduce_sum(skipped))
-    if d.is_main:
-        merged, unreadable = {}, 0
-        for name in sorted(os.listdir(out)):
-            if name.startswith("counts") and name.endswith(".jsonl"):
-                records, bad = read_jsonl(os.path.join(out, name))
-                unreadable += len(bad)  # a torn line from a killed run: that item was generated again
-                for r in records:
-                    if "dataset_index" in r:
-                        merged[r["dataset_index"]] = r
-                    else:
-                        unreadable += 1
-        write_jsonl(os.path.join(out, "counts.jsonl"), [merged[k] for k in sorted(merged)])
-        for name in os.listdir(out):
-            if name.startswith("counts.rank"):
-                os.remove(os.path.join(out, name))
-        hist = Counter(r["num_correct"] for r in merged.values())
-        write_json(os.path.join(out, "manifest.json"), {"data": data, "model": model, "n": samples, "grader": grader,
-                                                        "items": len(merged), "skipped_rows": skipped,
-                                                        "unreadable_lines": unreadable, "items_per_s": round(rate, 3),
-                                                        "histogram": dict(sorted(hist.items()))})
-        print(f"pass counts for {len(merged)} items ({rate:.2f} items/s, {skipped} unusable rows skipped) -> "
-              f"{out}/counts.jsonl; histogram {dict(sorted(hist.items()))}")
-    dist.cleanup()
+        if field not in r:
+            raise SystemExit(f"{path} line {k + 1}: no {field!r} field (written by an older evaluate.py? run "
+                             f"`evaluate.py regrade` on its folder)")
+        i = r["dataset_index"]
+        if names.setdefault(i, r["dataset_name"]) != r["dataset_name"]:
+            raise SystemExit(f"{path}: dataset_index {i} appears under {names[i]!r} and {r['dataset_name']!r}")
+        counts[i] += bool(r[field])
+        n[i] += 1
+    sizes = Counter(n.values())
+    if len(sizes) > 1:
+        raise SystemExit(f"{path}: items have different numbers of samples {dict(sizes)} (a run still going?)")
+    return {i: counts[i] for i in n}, next(iter(sizes), 0)
 
 
 def filter_set(
     data: str = "data/text",  # a folder written by this script
-    passrate: str = "data/passrate",  # folder (or counts.jsonl) from the passrate command
+    passrate: str = "data/passrate",  # evaluate.py output folder (or its items.jsonl) with the pass-count samples
+    grader: str = "inference",  # inference = upstream's pass-count grader (RECIPE §2.1) | strict | lenient
     out: str = "data/text_e2h",  # output folder
     min_pass: int = 1,  # keep min_pass <= pass_count <= max_pass (recipe: 1..7 of 16)
     max_pass: int = 7,  # recipe: 7 (at most 7 of 16 right)
     order: str = "easy_to_hard",  # easy_to_hard | hard_to_easy | shuffle (after the seeded shuffle)
     seed: int = 42,  # the shuffle before the stable sort
 ):
-    """Keep the medium-difficulty items, shuffle (seed 42), stable-sort by pass count (RECIPE §2.2)."""
+    """Keep the medium-difficulty items, shuffle (seed 42), stable-sort by pass count (RECIPE §2.2).
+
+    Pass counts come from evaluate.py run on the training data with the recipe's sampling (§2.1):
+    `evaluate.py --model 3b --data data/text --runs 1 --samples 16 --temperature 1.0 --out data/passrate`."""
     flags = dict(locals())
-    path = passrate if passrate.endswith(".jsonl") else os.path.join(passrate, "counts.jsonl")
-    records, bad = read_jsonl(path)
-    if bad:  # the passrate command writes this file whole: a bad line is damage, not a kill
-        raise SystemExit(f"{path}: {len(bad)} unreadable line(s), e.g. {bad[0]}")
-    counts = {r["dataset_index"]: r["num_correct"] for r in records}
+    counts, n = pass_counts(passrate, grader)
     ds = load_rows(data)
     before = Counter(counts.get(i, -1) for i in ds["dataset_index"])
     ds = ds.map(lambda i: {"pass_count": counts.get(i, -1)}, input_columns="dataset_index")
@@ -752,7 +679,8 @@ def filter_set(
         pcs = keep["pass_count"]
         keep = keep.select(sorted(range(len(keep)), key=lambda i: sign * pcs[i]))
     after = Counter(keep["pass_count"])
-    manifest = {"source": data, "passrate": path, "rows_in": len(ds), "rows_out": len(keep),
+    manifest = {"source": data, "passrate": passrate, "grader": grader, "samples_per_item": n,
+                "rows_in": len(ds), "rows_out": len(keep),
                 "dropped": {"not evaluated (-1)": before.get(-1, 0),
                             f"pass_count < {min_pass}": sum(v for k, v in before.items() if 0 <= k < min_pass),
                             f"pass_count > {max_pass}": sum(v for k, v in before.items() if k > max_pass)},
@@ -761,7 +689,7 @@ def filter_set(
     with atomic_dir(out) as tmp:
         keep.to_parquet(os.path.join(tmp, "data.parquet"))
         write_json(os.path.join(tmp, "manifest.json"), manifest)
-    print(f"pass-count histogram before: {manifest['histogram_before']}")
+    print(f"pass counts ({grader} grader, of {n} samples) before: {manifest['histogram_before']}")
     print(f"kept {len(keep)} of {len(ds)} ({min_pass}..{max_pass}), order {order}: {manifest['histogram_after']}")
 
 
@@ -860,8 +788,7 @@ def decontaminate(
             write_json(os.path.join(tmp, "manifest.json"), {**report, "rows_out": len(tr) - len(bad)})
 
 
-COMMANDS = {"sample": sample, "eval": eval_set, "text": text, "pmc_vqa": pmc_vqa, "passrate": passrate,
-            "filter": filter_set, "sft": sft, "decontaminate": decontaminate}
+COMMANDS = {"sample": sample, "eval": eval_set, "text": text, "pmc_vqa": pmc_vqa, "filter": filter_set, "sft": sft, "decontaminate": decontaminate}
 
 if __name__ == "__main__":
     cli.run(COMMANDS)

@@ -8,6 +8,8 @@ pass@k / majority@k when sampling, and a PNG chart.
     python evaluate.py --model 3b --samples 5 --temperature 0.5          # pass@k and majority@k (the recipe's n=5)
     python evaluate.py compare outputs/eval/base outputs/eval/rl          # paired bootstrap of the difference
     python evaluate.py regrade outputs/eval/rl                           # recompute everything from saved responses
+    torchrun --nproc_per_node 8 evaluate.py --model 3b --engine vllm --data data/text --runs 1 --samples 16 \
+        --temperature 1.0 --out data/passrate     # the recipe's pass counts (§2.1); data_prep.py filter reads them
 
 Resumable: records are appended per batch and a rerun skips finished batches, so a killed run ends with the same
 results as an uninterrupted one. Rows that cannot be used are written to rejects.jsonl and counted in the summary.
@@ -53,12 +55,21 @@ def majority_correct(letters: list, answer_label: str) -> bool:
     return bool(votes) and votes.most_common(1)[0][0] == answer_label
 
 
+def record_key(grader: str) -> str:
+    """The record field holding a grader's verdict: `correct` for the lenient regrader, else `correct_<grader>`."""
+    return "correct" if grader == "lenient" else f"correct_{grader}"
+
+
 def item_scores(records: list, grader: str = "lenient") -> dict:
-    """{(benchmark, index): {run: [correct per sample]}} from per-sample records."""
-    key = "correct" if grader == "lenient" else "correct_strict"
+    """{(benchmark, index): {run: [correct per sample]}} from per-sample records, under one grader
+    (grading.GRADERS). Records of failed generations (an `error` field) score 0. SystemExit if a record lacks
+    the grader's verdict (folders from older versions: `evaluate.py regrade` adds it)."""
+    key = record_key(grader)
     out = defaultdict(lambda: defaultdict(list))
     for r in records:
-        out[(r["dataset_name"], r["dataset_index"])][r["run"]].append(float(r[key]))
+        if key not in r and "error" not in r:
+            raise SystemExit(f"record {r['dataset_name']} #{r['dataset_index']} has no {key!r}: regrade the folder")
+        out[(r["dataset_name"], r["dataset_index"])][r["run"]].append(float(r.get(key, 0)))
     return out
 
 
@@ -82,9 +93,14 @@ def ordered(names) -> list:
     return [n for n in COLUMNS if n in names] + sorted(n for n in names if n not in COLUMNS)
 
 
-def summarise(records: list, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Per-benchmark accuracy (x100) per run, mean +- std over runs, bootstrap CI, pass@k and majority@n."""
-    scores = item_scores(records)
+def summarise(records: list, n_boot: int = 1000, seed: int = 0, grader: str = "lenient") -> dict:
+    """Per-benchmark accuracy (x100) per run under `grader`, mean +- std over runs, bootstrap CI, the strict
+    reward's accuracy, and with several samples pass@k and majority@n.
+
+    Graders as upstream used them (RECIPE §7.2-7.3): tables by the lenient regrader; pass@k by the inference grader
+    (plot_pass_n.ipynb reads the un-regraded `is_correct`); majority@n by the regrader's option letters
+    (plot_metrics_n.ipynb reads regraded results)."""
+    scores = item_scores(records, grader)
     strict = item_scores(records, "strict")
     letters = defaultdict(list)
     for r in records:
@@ -105,8 +121,9 @@ def summarise(records: list, n_boot: int = 1000, seed: int = 0) -> dict:
                  "samples_per_item": n}
         if n > 1:
             ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n} | {n})
+            inference = item_scores([r for r in records if r["dataset_name"] == name], "inference")
             entry["pass@k"] = {str(k): float(100 * np.mean([np.mean([pass_at_k(len(v), int(sum(v)), k)
-                                                                      for v in scores[key].values()]) for key in keys]))
+                                                                      for v in inference[key].values()]) for key in keys]))
                                for k in ks}
             entry[f"maj@{n}"] = float(100 * np.mean([np.mean([majority_correct(letters[(*key, run)], labels[key])
                                                                for run in scores[key]]) for key in keys]))
@@ -115,7 +132,8 @@ def summarise(records: list, n_boot: int = 1000, seed: int = 0) -> dict:
     per_bench_items = [np.array([np.mean([np.mean(v) for v in scores[k].values()])
                                  for k in sorted(k for k in scores if k[0] == name)]) * 100 for name in bench]
     avg_lo, avg_hi, _ = bootstrap(per_bench_items, n_boot, np.random.default_rng(seed))
-    return {"benchmarks": bench, "avg": avg, "avg_ci95": [avg_lo, avg_hi],
+    return {"benchmarks": bench, "avg": avg, "avg_ci95": [avg_lo, avg_hi], "grader": grader,
+            "pass@k_grader": "inference", "majority_grader": "lenient",
             "avg_note": "unweighted mean over the benchmarks present" +
                         ("" if set(COLUMNS) <= set(bench) else f" ({len(bench)} of the paper's 6)")}
 
@@ -128,6 +146,14 @@ def markdown_table(summary: dict, label: str) -> str:
     ci.append(f"[{summary['avg_ci95'][0]:.1f}, {summary['avg_ci95'][1]:.1f}]")
     lines = ["| Model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
              f"| {label} | " + " | ".join(cells) + " |", "| 95% CI | " + " | ".join(ci) + " |"]
+    lines.append(f"\nAccuracy graded by the {summary.get('grader', 'lenient')} grader (common/grading.py).")
+    sampled = {n: b for n, b in summary["benchmarks"].items() if "pass@k" in b}
+    if sampled:
+        ks = sorted({int(k) for b in sampled.values() for k in b["pass@k"]})
+        lines += ["", f"| pass@k ({summary.get('pass@k_grader', 'inference')} grader) | "
+                  + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+        lines += [f"| {COLUMNS.get(n, n)} | " + " | ".join(f"{b['pass@k'][str(k)]:.2f}" if str(k) in b["pass@k"] else ""
+                                                          for k in ks) + " |" for n, b in sampled.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -155,12 +181,13 @@ def plot(summary: dict, path: str, title: str) -> None:
 
 
 def grade_record(rec: dict, options: dict) -> dict:
-    """Fill both graders' verdicts and the option letter into a record holding a response."""
+    """Fill every grader's verdict (grading.GRADERS, field record_key(name)), the lenient extraction, its option
+    letter and the format check into a record holding a response."""
     pred = grading.extract_lenient(rec["response"])
     rec["extracted"] = pred
     rec["letter"] = grading.option_letter(pred, options)
-    rec["correct"] = grading.grade_answer(pred, rec["answer"], rec["answer_label"])
-    rec["correct_strict"] = grading.strict_reward(rec["response"], rec["answer"], rec["answer_label"]) == 1.0
+    for g, judge in grading.GRADERS.items():
+        rec[record_key(g)] = judge(rec["response"], rec["answer"], rec["answer_label"])
     rec["format"] = grading.format_ok(rec["response"])
     return rec
 
@@ -183,8 +210,8 @@ def read_records(folder: str) -> list:
     return [seen[k] for k in sorted(seen, key=lambda k: (bench_order(k[0]), k[1], k[2], k[3]))]
 
 
-def finish(folder: str, records: list, label: str, n_boot: int, extra: dict) -> dict:
-    summary = summarise(records, n_boot)
+def finish(folder: str, records: list, label: str, n_boot: int, extra: dict, grader: str = "lenient") -> dict:
+    summary = summarise(records, n_boot, grader=grader)
     summary.update(extra)
     write_json(os.path.join(folder, "summary.json"), summary)
     table = markdown_table(summary, label)
@@ -223,6 +250,7 @@ def main(
     out: str = "",  # result folder ('' = outputs/eval/<model name>)
     name: str = "",  # the model's label in tables and charts ('' = the model folder's name)
     n_boot: int = 1000,  # bootstrap resamples for the CIs
+    grader: str = "lenient",  # the tables' grader: lenient (RECIPE §7.2 regrader) | inference (§2.1 pass counts) | strict
 ):
     user_config = dict(locals())
     d = dist.init(seed=seed)
@@ -339,7 +367,7 @@ def main(
             "skip_reasons": dict(Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects)),
             "items_per_second": n_gen / elapsed if elapsed > 0 and n_gen else None,
             "generated_tokens_per_second": n_tokens / elapsed if elapsed > 0 and n_tokens else None,
-            "runs_copied_from_run0": copy_runs and runs > 1})
+            "runs_copied_from_run0": copy_runs and runs > 1}, grader)
         print(open(os.path.join(out, "results.md")).read(), end="")
         if summary["items_per_second"]:
             print(f"{n_gen} items in {elapsed:.1f}s ({summary['items_per_second']:.2f} items/s, "
@@ -356,6 +384,7 @@ def hash_key(name: str, index: int) -> int:
 def regrade(
     folder: str,  # a result folder of this script (items*.jsonl are read, everything else rewritten)
     n_boot: int = 1000,  # bootstrap resamples for the confidence intervals
+    grader: str = "",  # the tables' grader: lenient | inference | strict ('' = the one the run used)
 ):
     """Recompute verdicts, tables and charts from the saved responses (no model)."""
     records = read_records(folder)
@@ -365,8 +394,9 @@ def regrade(
         grade_record(r, r.get("options") or {})
     write_jsonl(os.path.join(folder, "items.jsonl"), records)
     old = json.load(open(os.path.join(folder, "summary.json"))) if os.path.exists(os.path.join(folder, "summary.json")) else {}
-    keep = {k: v for k, v in old.items() if k not in ("benchmarks", "avg", "avg_ci95", "avg_note")}
-    finish(folder, records, os.path.basename(folder.rstrip("/")), n_boot, keep)
+    grader = grader or old.get("grader", "lenient")
+    keep = {k: v for k, v in old.items() if k not in ("benchmarks", "avg", "avg_ci95", "avg_note", "grader")}
+    finish(folder, records, os.path.basename(folder.rstrip("/")), n_boot, keep, grader)
     print(open(os.path.join(folder, "results.md")).read(), end="")
 
 
@@ -375,9 +405,10 @@ def compare(
     b: str,  # result folder of the model compared with it
     n_boot: int = 2000,  # paired bootstrap resamples
     seed: int = 0,  # bootstrap seed
+    grader: str = "lenient",  # lenient (RECIPE §7.2 regrader) | inference | strict
 ):
     """Paired bootstrap of accuracy(b) - accuracy(a) per benchmark and on Avg., over the items both evaluated."""
-    sa, sb = item_scores(read_records(a)), item_scores(read_records(b))
+    sa, sb = item_scores(read_records(a), grader), item_scores(read_records(b), grader)
     common = sorted(set(sa) & set(sb))
     if not common:
         raise SystemExit("the two folders share no (benchmark, index) items")

@@ -6,6 +6,9 @@ strict_reward(response, answer, answer_label) -> 0.0 | 1.0, the recipe's `comput
   2. answer: the FIRST `<answer>(.*?)</answer>` *without* DOTALL, i.e. the first answer block that opens and
      closes on one line; if there is none the whole response is graded (and so scores 0).
   3. grade_answer: case-insensitive exact equality, after strip, with the letter, the option text or "L. text".
+inference_correct(response, answer, answer_label) -> bool, upstream's grader at inference time (RECIPE §7.2), which
+  also counted the pass rates (§2.1) and the pass@k curves (§7.3): the FIRST `<answer>(.*?)</answer>` block (DOTALL),
+  else the whole text; no format check.
 lenient_correct(response, answer, answer_label) -> bool, the regrader behind the paper's tables:
   the LAST `<answer>...</answer>` block (DOTALL), its first non-empty line; else the last "answer:", "answer is:",
   "answer is", "is:" phrase (case-insensitive, rest of its line); else the whole text. Tags are then removed.
@@ -82,6 +85,16 @@ def strict_reward(response: str, answer: str, answer_label: str) -> float:
     return 1.0 if grade_answer(pred, answer, answer_label) else 0.0
 
 
+def inference_correct(response: str, answer: str, answer_label: str) -> bool:
+    """`m = re.search(r"<answer>(.*?)</answer>", text, re.S)`; grade `m.group(1)` if found, else the whole text.
+
+    RECIPE §7.2 (run_offline_inference.py), used for pass counts (§2.1) and pass@k (§7.3); linear time."""
+    i = response.find("<answer>")
+    j = response.find("</answer>", i + 8) if i != -1 else -1
+    pred = response[i + 8 : j] if j != -1 else response
+    return grade_answer(pred.strip(), answer, answer_label)
+
+
 def _last_answer_block(response: str) -> str | None:
     """Last match of `re.findall(r"<answer>(.*?)</answer>", response, re.S)`, in linear time."""
     last, pos = None, 0
@@ -122,3 +135,9 @@ def option_letter(pred: str, options: dict[str, str]) -> str | None:
         if grade_answer(pred, text, letter):
             return letter
     return None
+
+
+GRADERS = {"lenient": lenient_correct, "inference": inference_correct,
+           "strict": lambda response, answer, answer_label: strict_reward(response, answer, answer_label) == 1.0}
+"""Every grader by name: response, answer, answer_label -> bool. evaluate.py's --grader and data_prep.py filter's
+--grader pick from these; records store each verdict as `correct_<name>`, the lenient one as `correct`."""

@@ -3,6 +3,7 @@
 #   bash run/data_prep.sh                 # everything
 #   STAGE=eval bash run/data_prep.sh      # one stage: eval | text | image | sft
 # Pass counts come from the 3B base model for every model size (as upstream), 16 samples at T=1, kept if 1..7.
+# They are an evaluation: evaluate.py samples and grades, data_prep.py filter counts (inference grader, RECIPE §2.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NGPU=${NGPU:-8}
@@ -15,15 +16,15 @@ if [[ $STAGE == all || $STAGE == eval ]]; then
 fi
 if [[ $STAGE == all || $STAGE == text ]]; then
   run python data_prep.py text --source UCSC-VLAA/MedVLThinker-m23k-tokenized --tokenizer "$PASS_MODEL" --out data/m23k
-  run torchrun --standalone --nproc_per_node "$NGPU" data_prep.py passrate --data data/m23k --model "$PASS_MODEL" \
-      --engine vllm --samples 16 --temperature 1.0 --max_new_tokens 4096 --out data/passrate_m23k_3b
+  run torchrun --standalone --nproc_per_node "$NGPU" evaluate.py --data data/m23k --model "$PASS_MODEL" --engine vllm \
+      --runs 1 --samples 16 --temperature 1.0 --max_new_tokens 4096 --batch_size 512 --out data/passrate_m23k_3b
   run python data_prep.py filter --data data/m23k --passrate data/passrate_m23k_3b --min_pass 1 --max_pass 7 \
       --order easy_to_hard --out data/m23k_3b_e2h                             # ~16.5k rows
 fi
 if [[ $STAGE == all || $STAGE == image ]]; then
   run python data_prep.py pmc_vqa --source UCSC-VLAA/MedVLThinker-pmc_vqa --tokenizer "$PASS_MODEL" --out data/pmc_vqa
-  run torchrun --standalone --nproc_per_node "$NGPU" data_prep.py passrate --data data/pmc_vqa --model "$PASS_MODEL" \
-      --engine vllm --samples 16 --temperature 1.0 --max_new_tokens 4096 --out data/passrate_pmc_vqa_3b
+  run torchrun --standalone --nproc_per_node "$NGPU" evaluate.py --data data/pmc_vqa --model "$PASS_MODEL" --engine vllm \
+      --runs 1 --samples 16 --temperature 1.0 --max_new_tokens 4096 --batch_size 512 --out data/passrate_pmc_vqa_3b
   run python data_prep.py filter --data data/pmc_vqa --passrate data/passrate_pmc_vqa_3b --min_pass 1 --max_pass 7 \
       --order easy_to_hard --out data/pmc_vqa_3b_e2h                          # ~115.5k rows
 fi

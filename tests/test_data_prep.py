@@ -152,40 +152,78 @@ def test_pmc_vqa_cleaning_rules(tmp_path):
     assert len(rejects(tmp_path / "out")) == 3
 
 
+def _pass_records(pr, planted: dict, n: int = 16, grader_field: str = "correct_inference"):
+    """An evaluate.py items.jsonl in which item i has planted[i] of n samples correct."""
+    pr.mkdir(exist_ok=True)
+    with open(pr / "items.jsonl", "w") as f:
+        for i, c in planted.items():
+            for j in range(n):
+                f.write(json.dumps({"dataset_name": "medqa", "dataset_index": i, "run": 0, "sample": j,
+                                    grader_field: j < c, "correct": False, "correct_strict": False}) + "\n")
+
+
 def test_passrate_filter_order(tmp_path, tiny_text, sample_data):
     pr, data = tmp_path / "pr", os.path.join(sample_data, "text")
     idx = load_rows(data)["dataset_index"]
-    args = ["data_prep.py", "passrate", "--data", data, "--model", tiny_text, "--samples", "4", "--max_new_tokens", "8",
-            "--limit", "6", "--dtype", "fp32", "--out", str(pr)]
+    # pass counts are an evaluation: evaluate.py with the recipe's sampling shape, then data_prep filter reads them
+    args = ["evaluate.py", "--data", data, "--model", tiny_text, "--runs", "1", "--samples", "4", "--temperature", "1.0",
+            "--max_new_tokens", "8", "--limit", "6", "--dtype", "fp32", "--out", str(pr)]
     run_py(*args)
-    counts = [json.loads(x) for x in open(pr / "counts.jsonl")]
-    assert [c["dataset_index"] for c in counts] == idx[:6] and all(0 <= c["num_correct"] <= 4 for c in counts)
-    m = manifest(pr)
-    assert m["items"] == 6 and m["skipped_rows"] == 0 and m["unreadable_lines"] == 0 and m["items_per_s"] > 0
-    before = (pr / "counts.jsonl").read_text()
+    counts, n = dp.pass_counts(str(pr))
+    assert n == 4 and all(0 <= c <= 4 for c in counts.values())
+    rows, first6 = load_rows(data), {}
+    for name, i in zip(rows["dataset_name"], idx):  # --limit is per benchmark: the first 6 rows of each
+        first6.setdefault(name, [])
+        if len(first6[name]) < 6:
+            first6[name].append(i)
+    assert sorted(counts) == sorted(i for v in first6.values() for i in v)
+    before = (pr / "items.jsonl").read_text()
     run_py(*args)  # resumable: a second run finds everything done and changes nothing
-    assert (pr / "counts.jsonl").read_text() == before
+    assert (pr / "items.jsonl").read_text() == before
     # plant known counts to test the filter boundaries and the easy-to-hard order
     planted = dict(zip(idx, [0, 1, 7, 8, 16, 3, 3, 1, 7, 5]))
-    (pr / "counts.jsonl").write_text("".join(json.dumps({"dataset_index": i, "num_correct": c}) + "\n"
-                                             for i, c in planted.items()))
+    _pass_records(pr, planted)
     dp.filter_set(data=data, passrate=str(pr), out=str(tmp_path / "f"))
     ds = load_rows(str(tmp_path / "f"))
     assert sorted(ds["dataset_index"]) == sorted(i for i, c in planted.items() if 1 <= c <= 7)
     assert ds["pass_count"] == sorted(ds["pass_count"], reverse=True)
     m = manifest(tmp_path / "f")
     assert m["dropped"] == {"not evaluated (-1)": 38, "pass_count < 1": 1, "pass_count > 7": 2}
+    assert m["grader"] == "inference" and m["samples_per_item"] == 16
     dp.filter_set(data=data, passrate=str(pr), out=str(tmp_path / "f2"))
     assert load_rows(str(tmp_path / "f2"))["dataset_index"] == ds["dataset_index"]  # stable ties, seeded shuffle
+
+
+def test_pass_counts_refuse_bad_input(tmp_path):
+    pr = tmp_path / "pr"
+    _pass_records(pr, {1: 3, 2: 5})
+    assert dp.pass_counts(str(pr)) == ({1: 3, 2: 5}, 16)
+    assert dp.pass_counts(str(pr), "strict") == ({1: 0, 2: 0}, 16)  # each grader's own verdict field
+    with open(pr / "items.jsonl", "a") as f:  # item 3 with 2 samples only: a run still going
+        f.write(json.dumps({"dataset_name": "medqa", "dataset_index": 3, "run": 0, "sample": 0,
+                            "correct_inference": True}) + "\n")
+    with pytest.raises(SystemExit, match="different numbers of samples"):
+        dp.pass_counts(str(pr))
+    _pass_records(pr, {1: 3})
+    with open(pr / "items.jsonl", "a") as f:
+        f.write("{torn\n")
+    with pytest.raises(SystemExit, match="1 unreadable line"):
+        dp.pass_counts(str(pr))
+    _pass_records(pr, {1: 3}, grader_field="correct_other")
+    with pytest.raises(SystemExit, match="no 'correct_inference' field"):
+        dp.pass_counts(str(pr))
+    with pytest.raises(SystemExit, match="not found"):
+        dp.pass_counts(str(tmp_path / "nowhere"))
 
 
 @pytest.mark.slow
 def test_passrate_with_smollm2(tmp_path, smollm2, sample_data):
     pr = tmp_path / "pr"
-    run_py("data_prep.py", "passrate", "--data", os.path.join(sample_data, "text"), "--model", smollm2, "--samples", "4",
-           "--max_new_tokens", "48", "--limit", "4", "--dtype", "fp32", "--out", str(pr), "--batch_size", "4")
-    m = manifest(pr)
-    assert m["items"] == 4 and sum(m["histogram"].values()) == 4
+    run_py("evaluate.py", "--data", os.path.join(sample_data, "text"), "--model", smollm2, "--runs", "1", "--samples", "4",
+           "--temperature", "1.0", "--max_new_tokens", "48", "--limit", "4", "--dtype", "fp32", "--out", str(pr),
+           "--batch_size", "4")
+    counts, n = dp.pass_counts(str(pr))
+    assert n == 4 and len(counts) >= 4 and all(0 <= c <= 4 for c in counts.values())
 
 
 def test_decontaminate_finds_planted_duplicates(tmp_path, sample_data):

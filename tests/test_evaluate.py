@@ -36,11 +36,26 @@ def test_summary_math():
     for i, run, s, ok in [(0, 0, 0, 1), (0, 0, 1, 0), (1, 0, 0, 1), (1, 0, 1, 1), (0, 1, 0, 0), (0, 1, 1, 0),
                           (1, 1, 0, 1), (1, 1, 1, 0)]:
         recs.append({"dataset_name": "vqa_rad_closed", "dataset_index": i, "run": run, "sample": s, "correct": ok,
-                     "correct_strict": 0, "letter": "A" if ok else "B", "answer_label": "A"})
+                     "correct_strict": 0, "correct_inference": ok, "letter": "A" if ok else "B", "answer_label": "A"})
     b = ev.summarise(recs, n_boot=200)["benchmarks"]["vqa_rad_closed"]
     assert b["runs"] == [75.0, 25.0] and b["mean"] == 50.0 and b["std"] == pytest.approx(np.std([75, 25], ddof=1))
     assert b["pass@k"]["2"] == pytest.approx(100 * (1 + 1 + 0 + 1) / 4)
     assert b["ci95"][0] <= 50.0 <= b["ci95"][1]
+
+
+def test_pass_at_k_uses_the_inference_grader():
+    """RECIPE §7.3: pass@k from the un-regraded (inference) verdicts; tables and majority from the regrader."""
+    # first <answer> block holds the wrong letter, the last the right one: inference grader wrong, lenient right
+    resp = "<think>t</think><answer>B</answer> on reflection <answer>A</answer>"
+    recs = [ev.grade_record({"dataset_name": "vqa_rad_closed", "dataset_index": 0, "run": 0, "sample": j,
+                             "response": resp, "answer": "yes", "answer_label": "A"}, {"A": "yes", "B": "no"})
+            for j in range(2)]
+    assert recs[0]["correct"] and not recs[0]["correct_inference"] and not recs[0]["correct_strict"]
+    s = ev.summarise(recs, n_boot=50)
+    b = s["benchmarks"]["vqa_rad_closed"]
+    assert b["mean"] == 100.0 and b["pass@k"] == {"1": 0.0, "2": 0.0} and b["maj@2"] == 100.0
+    assert s["pass@k_grader"] == "inference" and "pass@k (inference grader)" in ev.markdown_table(s, "m")
+    assert ev.summarise(recs, n_boot=50, grader="inference")["benchmarks"]["vqa_rad_closed"]["mean"] == 0.0
 
 
 def test_tiny_vl_on_real_vqa_rad(tmp_path, tiny_vl, vqa_rad_eval):

@@ -141,3 +141,16 @@ def test_megabyte_completions_are_graded_fast():
         g.strict_reward(s, "x", "A")
         g.lenient_correct(s, "x", "A")
         assert time.perf_counter() - t < 2.0
+
+
+def test_inference_grader_is_upstreams_first_block_dotall():
+    """RECIPE §7.2 inference grader: first <answer>(.*?)</answer> with re.S, else the whole text; no format check."""
+    ic = g.inference_correct
+    assert ic("no tags, just A", "x", "A") is False and ic(" A \n", "x", "A")  # whole text, stripped
+    assert ic("<answer>\nA\n</answer>", "x", "A")  # DOTALL: a block over lines counts (the reward's does not)
+    assert not ic("<answer>B</answer><answer>A</answer>", "x", "A")  # the first block
+    assert ic("junk before <answer>A</answer> junk after", "x", "A")  # format not required
+    assert not ic("<answer>A", "x", "A")  # unclosed: whole text "<answer>A" is graded
+    for r in ["<answer>A</answer>", "<think>\n</think>\n<answer> a </answer>", "<answer>A\nB</answer>"]:
+        m = re.search(r"<answer>(.*?)</answer>", r, re.S)
+        assert ic(r, "x", "A") == g.grade_answer((m.group(1) if m else r).strip(), "x", "A")

@@ -155,9 +155,9 @@ def test_every_flag_has_a_default_and_a_comment(script):
 
 
 def test_help_lists_every_flag():
-    p = subprocess.run([sys.executable, "data_prep.py", "passrate", "--help"], cwd=ROOT, capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "data_prep.py", "filter", "--help"], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": ROOT}, timeout=120, check=True)
-    for flag, default, comment in cli.flags(data_prep.passrate):
+    for flag, default, comment in cli.flags(data_prep.filter_set):
         assert f"--{flag} {default}" in p.stdout and comment in p.stdout
     p = subprocess.run([sys.executable, "data_prep.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": ROOT}, timeout=120, check=True)

@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+import data_prep as dp
 from conftest import run_py, torchrun
 
 pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("vllm_installed")]
@@ -109,11 +110,13 @@ def test_evaluate_vllm_equals_hf_images(tmp_path, tiny_vl_vllm, sample_data):
 
 
 def test_passrate_vllm_end_to_end(tmp_path, tiny_vl_vllm, sample_data):
-    out = tmp_path / "pr"
-    p = run_py("data_prep.py", "passrate", "--data", os.path.join(sample_data, "image"), "--model", tiny_vl_vllm,
-               "--engine", "vllm", "--dtype", "fp32", "--samples", "4", "--max_new_tokens", "8", "--limit", "3",
+    """The recipe's pass-count run (evaluate.py sampling n per item on training data, vLLM), then data_prep filter."""
+    out, data = tmp_path / "pr", os.path.join(sample_data, "image")
+    p = run_py("evaluate.py", "--data", data, "--model", tiny_vl_vllm, "--engine", "vllm", "--dtype", "fp32",
+               "--runs", "1", "--samples", "4", "--temperature", "1.0", "--max_new_tokens", "8", "--limit", "3",
                "--out", str(out), timeout=600)
     _clean_exit(p)
-    counts = [json.loads(x) for x in open(out / "counts.jsonl")]
-    assert len(counts) == 3 and all(c["n"] == 4 and 0 <= c["num_correct"] <= 4 for c in counts)
-    assert json.load(open(out / "manifest.json"))["items"] == 3
+    counts, n = dp.pass_counts(str(out))
+    assert n == 4 and len(counts) == 3 and all(0 <= c <= 4 for c in counts.values())
+    dp.filter_set(data=data, passrate=str(out), min_pass=0, max_pass=4, out=str(tmp_path / "f"))
+    assert json.load(open(tmp_path / "f" / "manifest.json"))["rows_out"] == 3
