@@ -55,7 +55,10 @@ class Clock(TrainerCallback):
     def on_step_end(self, args, state, control, **kw): times.append(time.perf_counter() - self.t)
 # bf16/fp16/gradient_checkpointing set explicitly: TRL's own defaults are bf16=True and gradient_checkpointing=True.
 # The reference model TRL builds itself loads in fp32 (its default), like the policy here.
-cfg = GRPOConfig(output_dir=A["out"], per_device_train_batch_size=32, num_generations=4, gradient_accumulation_steps=1,
+# One optimizer step = one generation batch of 32 completions (8 prompts x 4), as in grpo.py; the backward runs in
+# micro-batches of A["micro"] completions (steps_per_generation = gradient_accumulation_steps = 32 / micro).
+cfg = GRPOConfig(output_dir=A["out"], per_device_train_batch_size=A["micro"], num_generations=4,
+                 gradient_accumulation_steps=32 // A["micro"],
                  max_completion_length=64, temperature=1.0, beta=0.01, learning_rate=1e-6, max_steps=A["steps"],
                  use_vllm=False, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, seed=0,
                  shuffle_dataset=False, dataloader_num_workers=0,
@@ -77,6 +80,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1, help="first steps left out of the median")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 if this CPU has native bf16, else fp32) | fp32 | bf16")
     ap.add_argument("--work", default=os.path.join(ROOT, ".cache", "bench"))
+    ap.add_argument("--trl_micro", type=int, default=8, choices=(4, 8, 16, 32),
+                    help="TRL's completions per backward (32 in one was OOM-killed at 23.6 GB RSS on 24 GB here)")
     args = ap.parse_args()
     if args.steps <= args.warmup:
         ap.error(f"--steps {args.steps} leaves no step after --warmup {args.warmup} to take the median of")
@@ -127,7 +132,7 @@ def main():
     ours_dtype, ours_detail = speed.matmul_dtype(json.load(open(seen)))
     # TRL
     a = {"root": ROOT, "data": data, "model": model, "out": os.path.join(args.work, "grpo_trl"), "steps": args.steps,
-         "dtype": dtype}
+         "dtype": dtype, "micro": args.trl_micro}
     t = time.time()
     p = subprocess.run([sys.executable, "-c", TRL_SCRIPT, json.dumps(a)], cwd=ROOT, env=env, capture_output=True,
                        text=True)
@@ -147,7 +152,8 @@ def main():
     print("|---|---|---|---|---|")
     print(f"| grpo.py (hf engine, no act. ckpt) | {ours_dtype} | {mo:.1f} | {', '.join(f'{x:.1f}' for x in ours)} | "
           f"{wall_ours:.0f} |")
-    print(f"| TRL 1.16 GRPOTrainer (grad ckpt {res['grad_ckpt']}, mixed_precision {res['mixed_precision']}) | "
+    print(f"| TRL 1.16 GRPOTrainer (grad ckpt {res['grad_ckpt']}, mixed_precision {res['mixed_precision']}, "
+          f"micro-batch {args.trl_micro}) | "
           f"{trl_dtype} | {mt:.1f} | {', '.join(f'{x:.1f}' for x in trl)} | {wall_trl:.0f} |")
     print(f"matmuls seen: grpo.py: {ours_detail}\n              TRL: {trl_detail}")
     timed = rows[args.warmup:]
