@@ -277,7 +277,8 @@ def main(
     # Model
     if engine == "vllm":
         gen = VLLMEngine(resolve(model), tokenizer, tp=tp, seed=seed, dtype=dtype,
-                         gpu_memory_utilization=gpu_memory_utilization, is_vl=processor is not None)
+                         gpu_memory_utilization=gpu_memory_utilization, is_vl=processor is not None,
+                         processor=processor)
     else:
         speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
         net = load_model(model, dtype=dtype, device=d.device, attn=attn, trust_remote_code=trust_remote_code).eval()

@@ -602,7 +602,7 @@ def main(
         llm = VLLMEngine(resolve(model), tokenizer, tp=tp, seed=seed, dtype=dtype,
                          gpu_memory_utilization=gpu_memory_utilization,
                          max_model_len=max_prompt_length + max(max_new_tokens, val_max_new_tokens), sleep=True,
-                         dummy_weights=True, is_vl=processor is not None,
+                         dummy_weights=True, is_vl=processor is not None, processor=processor,
                          weight_source=lambda: fsdp.full_params(net))
     else:
         llm = HFEngine(net, processor, tokenizer, batch_size=rollout_batch, synced=d.world_size > 1)
