@@ -49,3 +49,14 @@ def test_text_model_gets_string_content(smollm2):
     msgs = prompts.messages("q?", {"A": "a", "B": "b"}, 0, False)
     text = prompts.render(tok, msgs)
     assert prompts.user_text("q?", {"A": "a", "B": "b"}) in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_generation_prefill_is_found_in_the_template(tiny_vl, tiny_vl_tags, smollm2):
+    """Issue 11 §1: a template whose generation prompt ends `assistant\\n<think>\\n` has the prefill `<think>\\n`;
+    Qwen's (RECIPE §3.2: no prefill) and SmolLM2's real ChatML template have none."""
+    from common.model import load_processor
+
+    for folder, want in [(tiny_vl, ""), (tiny_vl_tags, "<think>\n"), (smollm2, "")]:
+        proc, tok = load_processor(folder)
+        assert prompts.generation_prefill(proc if proc is not None else tok) == want, folder
+        assert prompts.generation_prefill(tok) == want, folder
