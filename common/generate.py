@@ -119,6 +119,25 @@ def response_prefill(prompt: Prompt, prefill: str) -> str:
     return prefill if prefill and prompt.text.endswith(prefill) else ""
 
 
+def generate_each(engine, prompts: list, seeds: list, **sampling) -> list:
+    """engine.generate(prompts, seeds=seeds, **sampling), where one bad prompt costs only itself: if the call
+    raises, each prompt is generated alone, and a prompt that still raises gets its exception in place of its
+    [Sample] * n. Per-row seeds make a prompt's samples the same alone as in a batch. Returns one entry per prompt.
+    Not for a `synced` HF engine (FSDP): a rank that retries alone would leave its peers' collectives waiting."""
+    try:
+        return engine.generate(prompts, seeds=seeds, **sampling)
+    except Exception as e:  # anything a prompt can trigger (processor, tokenizer, engine checks, memory)
+        if len(prompts) == 1:
+            return [e]
+    out = []
+    for p, seed in zip(prompts, seeds):
+        try:
+            out += engine.generate([p], seeds=[seed], **sampling)
+        except Exception as e:
+            out.append(e)
+    return out
+
+
 class HFEngine:
     def __init__(self, model, processor, tokenizer, batch_size: int = 8, synced: bool = False):
         self.model, self.processor, self.tokenizer = model, processor, tokenizer

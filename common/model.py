@@ -128,11 +128,12 @@ def response_drop_ids(tokenizer) -> frozenset[int]:
 
 
 def control_strings(tokenizer) -> frozenset[str]:
-    """The text of every special or added token of `tokenizer` that is not a format tag (`<|im_start|>`,
+    """The text of every special token of `tokenizer` (special_token_ids) that is not a format tag (`<|im_start|>`,
     `<|image_pad|>`, `<|endoftext|>`, ...): strings that data text must not contain, because the tokenizer turns
-    them into control tokens (fake turns, image placeholders without an image). Empty strings are left out."""
-    texts = {t.content for t in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
-    return frozenset(t for t in texts if t and t not in FORMAT_TAGS)
+    them into control tokens (fake turns, image slots without an image). Added tokens that are not special (plain
+    vocabulary such as whitespace runs) and blank strings are left out."""
+    texts = {tokenizer.convert_ids_to_tokens(i) for i in special_token_ids(tokenizer)}
+    return frozenset(t for t in texts if isinstance(t, str) and t.strip() and t not in FORMAT_TAGS)
 
 
 def decode_response(tokenizer, token_ids, drop_ids: frozenset[int] | None = None, prefill: str = "") -> str:
