@@ -119,3 +119,25 @@ def test_engine_output_is_graded_with_tags_and_prefill(tiny_vl_tags):
     # a prompt that does not end with the prefill (written by hand) gets nothing put in front
     bare = G.Prompt(ps[1].text[: -len("<think>\n")] + "</answer>\n")  # same last token, no prefill
     assert G.HFEngine(model, proc, tok).generate([bare], max_new_tokens=16)[0][0].text == SCRIPTED
+
+
+def test_one_bad_prompt_costs_only_itself(tiny_vl):
+    """Issue 11 §3: a prompt with one image whose text holds a second, pasted
+    `<|vision_start|><|image_pad|><|vision_end|>` (what a control string in a question did before validation
+    rejected it) makes the real processor raise (two image slots, one image), and with it the whole batch. generate_each retries item by item: the bad prompt gets its exception, the others the very
+    samples they get without it (per-row seeds)."""
+    import pytest
+
+    proc, tok = load_processor(tiny_vl)
+    model = load_model(tiny_vl, dtype="fp32").eval()
+    good = _prompts(proc, tok)
+    bad = _prompts(proc, tok, k=1)[0]
+    bad = G.Prompt(bad.text.replace("Options:", "<|vision_start|><|image_pad|><|vision_end|> Options:"), bad.images)
+    eng = G.HFEngine(model, proc, tok, batch_size=4)
+    sampling = dict(n=2, temperature=1.0, max_new_tokens=6)
+    with pytest.raises(Exception):  # the old fate of the batch (StopIteration inside the processor)
+        eng.generate([good[0], bad, good[1], good[2]], seeds=[1, 2, 3, 4], **sampling)
+    got = G.generate_each(eng, [good[0], bad, good[1], good[2]], [1, 2, 3, 4], **sampling)
+    assert isinstance(got[1], Exception) and not any(isinstance(g, Exception) for g in got[:1] + got[2:])
+    alone = eng.generate(good, seeds=[1, 3, 4], **sampling)
+    assert [[s.token_ids for s in g] for g in got[:1] + got[2:]] == [[s.token_ids for s in g] for g in alone]
