@@ -68,7 +68,9 @@ def generation_prefill(template_owner) -> str:
     Found by rendering one dummy user turn twice, with the generation prompt and closed by an assistant turn holding
     a sentinel: the header is what the two have in common, the prefill the rest of the generation prompt. A template
     that writes the same prefill into every assistant turn it renders reads as a header, so such a prefill is not
-    found (and that template would also put it into SFT targets)."""
+    found (and that template would also put it into SFT targets). An owner without a chat template gives ''."""
+    if not getattr(template_owner, "chat_template", None):
+        return ""
     multimodal = hasattr(template_owner, "image_processor")
     msgs = messages("2+2?", {"A": "4", "B": "5"}, 0, multimodal)
     gen = render(template_owner, msgs)

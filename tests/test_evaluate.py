@@ -135,3 +135,20 @@ def test_tags_prefill_and_control_rows_end_to_end(tmp_path, tiny_vl_tags):
     run_py("data_prep.py", "sft", "--data", data, "--traces", str(out / "items.jsonl"), "--out", str(tmp_path / "sft"))
     m = json.load(open(tmp_path / "sft" / "manifest.json"))
     assert m["rows_out"] == 3, m
+
+
+def test_failed_items_are_merged_counted_once_and_cleared_by_a_resume(tmp_path):
+    """Issue 11 §3 bookkeeping: the ranks' failure records merge into failed.jsonl, one per (benchmark, index, run);
+    an item that a resumed run then generated is no longer listed."""
+    from types import SimpleNamespace
+
+    it = lambda i: SimpleNamespace(dataset_name="toy", dataset_index=i)  # noqa: E731
+    err = StopIteration()
+    for rank, recs in [(0, [ev.failure_record(it(1), 0, err), ev.failure_record(it(2), 0, ValueError("bad"))]),
+                       (1, [ev.failure_record(it(1), 0, err)])]:
+        (tmp_path / f"failed.rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    done = [{"dataset_name": "toy", "dataset_index": 2, "run": 0}]  # item 2 has results now
+    got = ev.merge_failures(str(tmp_path), done)
+    assert got == [{"dataset_name": "toy", "dataset_index": 1, "run": 0, "error": "StopIteration: "}]
+    assert sorted(os.listdir(tmp_path)) == ["failed.jsonl"]
+    assert ev.merge_failures(str(tmp_path), done) == got  # idempotent: the merged file is read back
