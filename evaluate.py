@@ -13,6 +13,9 @@ pass@k / majority@k when sampling, and a PNG chart.
 
 Resumable: records are appended per batch and a rerun skips finished batches, so a killed run ends with the same
 results as an uninterrupted one. Rows that cannot be used are written to rejects.jsonl and counted in the summary.
+An item whose generation fails (the processor or the engine raises on it) costs only itself: it is written to
+failed.jsonl with its error, counted in the summary (failed_items, left out of the accuracies as rejected rows are,
+as upstream skipped items whose API call failed), tried again on resume, and the run goes on.
 """
 
 import glob
@@ -30,9 +33,9 @@ from common import cli, dist, grading, prompts, report, speed
 from common.data import RowError, data_root, load_rows, parse_row
 from common.faults import crash_point
 from common.files import atomic_file, check_output, read_jsonl, repair_tail, write_json, write_jsonl
-from common.generate import HFEngine, Prompt, row_seed
+from common.generate import HFEngine, Prompt, generate_each, row_seed
 from common.vllm_engine import VLLMEngine
-from common.model import load_model, load_processor, resolve
+from common.model import control_strings, load_model, load_processor, resolve
 
 # dataset_name -> column of the paper's tables, in their order (RECIPE §8)
 COLUMNS = {"pmc_vqa": "PMC", "MMMU-medical": "MMMU", "MedXpertQA-MM": "MedX-M", "pathvqa_closed": "PathVQA",
@@ -271,6 +274,7 @@ def main(
     rows = load_rows(data, split)
     wanted = None if benchmarks == "all" else set(benchmarks.split(","))
     root = data_root(data)
+    control = control_strings(tokenizer)  # the model's own special tokens may not appear in data text
     items, rejects, per_bench = [], [], Counter()
     for i in range(len(rows)):
         try:
@@ -285,7 +289,7 @@ def main(
             continue
         per_bench[bench] += 1
         try:
-            item = parse_row(row, root)
+            item = parse_row(row, root, control=control)
             if item.images and processor is None:
                 raise RowError("item has images but the model is text-only")
             items.append(item)
@@ -309,7 +313,8 @@ def main(
     # Model
     if engine == "vllm":
         gen = VLLMEngine(resolve(model), tokenizer, tp=tp, seed=seed, dtype=dtype,
-                         gpu_memory_utilization=gpu_memory_utilization, is_vl=processor is not None)
+                         gpu_memory_utilization=gpu_memory_utilization, is_vl=processor is not None,
+                         processor=processor)
     else:
         speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
         net = load_model(model, dtype=dtype, device=d.device, attn=attn, trust_remote_code=trust_remote_code).eval()
@@ -317,7 +322,9 @@ def main(
 
     # Generate, batch by batch, appending records; finished batches are skipped on resume
     shard = os.path.join(out, f"items.rank{d.rank}.jsonl")
+    fail_shard = os.path.join(out, f"failed.rank{d.rank}.jsonl")
     repair_tail(shard)
+    repair_tail(fail_shard)
     dist.barrier()
     have = Counter((r["dataset_name"], r["dataset_index"], r["run"]) for r in read_records(out))
     done = {k for k, c in have.items() if c >= samples}
@@ -330,13 +337,17 @@ def main(
     bar = tqdm(total=sum(len(b) for _, b in todo), desc=f"eval {name}", unit="item", disable=not d.is_main,
                dynamic_ncols=True)
     t0, n_tokens = time.time(), 0
-    with open(shard, "a") as f:
+    with open(shard, "a") as f, open(fail_shard, "a") as fail:
         for run, batch in todo:
             ps = [Prompt(prompts.prompt_text(processor, tokenizer, it), it.images) for it in batch]
             seeds = [row_seed(seed * 1_000_003 + run, hash_key(it.dataset_name, it.dataset_index)) for it in batch]
-            outs = gen.generate(ps, n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                seeds=seeds)
+            outs = generate_each(gen, ps, seeds, n=samples, temperature=temperature, top_p=top_p,
+                                 max_new_tokens=max_new_tokens)
             for it, got in zip(batch, outs):
+                if isinstance(got, Exception):  # this item only; the others of the batch keep their results
+                    fail.write(json.dumps(failure_record(it, run, got), ensure_ascii=False) + "\n")
+                    fail.flush()
+                    continue
                 for run_copy in (range(runs) if copy_runs else [run]):
                     if (it.dataset_name, it.dataset_index, run_copy) in done:
                         continue
@@ -366,10 +377,13 @@ def main(
         for p in glob.glob(os.path.join(out, "items.rank*.jsonl")):
             os.remove(p)
         write_jsonl(os.path.join(out, "thumbs.jsonl"), report.thumb_records(items))  # images for report.html
+        failed = merge_failures(out, records)
         n_gen = sum(len(b) for _, b in todo)
         summary = finish(out, records, name, n_boot, {
             "model": model, "data": data, "skipped_rows": len(rejects),
             "skip_reasons": dict(Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects)),
+            "failed_items": len({(r["dataset_name"], r["dataset_index"]) for r in failed}),
+            "fail_reasons": dict(Counter(r["error"].split(":")[0] for r in failed)),
             "items_per_second": n_gen / elapsed if elapsed > 0 and n_gen else None,
             "generated_tokens_per_second": n_tokens / elapsed if elapsed > 0 and n_tokens else None,
             "runs_copied_from_run0": copy_runs and runs > 1}, grader)
@@ -377,8 +391,37 @@ def main(
         if summary["items_per_second"]:
             print(f"{n_gen} items in {elapsed:.1f}s ({summary['items_per_second']:.2f} items/s, "
                   f"{summary['generated_tokens_per_second']:.1f} new tokens/s)")
-        print(f"wrote {out}/: items.jsonl summary.json results.md accuracy.png report.html rejects.jsonl")
+        for r in failed[:5]:
+            print(f"failed: {r['dataset_name']} #{r['dataset_index']} run {r['run']}: {r['error'][:200]}", flush=True)
+        if failed:
+            print(f"{len(failed)} item-run(s) failed at generation and are left out of the accuracies (failed.jsonl)")
+        print(f"wrote {out}/: items.jsonl summary.json results.md accuracy.png report.html rejects.jsonl failed.jsonl")
     dist.cleanup()
+
+
+def failure_record(item, run: int, error: Exception) -> dict:
+    """The record of an item whose generation raised: its keys and `error` ("Type: message", 1000 chars at most)."""
+    return {"dataset_name": item.dataset_name, "dataset_index": item.dataset_index, "run": run,
+            "error": f"{type(error).__name__}: {error}"[:1000]}
+
+
+def merge_failures(folder: str, records: list) -> list:
+    """Merge the ranks' failed.rank*.jsonl (and an earlier failed.jsonl) into failed.jsonl, one record per
+    (benchmark, index, run), leaving out items that have results now (a resumed run generated them). Returns them."""
+    done = {(r["dataset_name"], r["dataset_index"], r["run"]) for r in records}
+    failed = {}
+    paths = sorted(glob.glob(os.path.join(folder, "failed*.jsonl")))
+    for path in paths:
+        for r in read_jsonl(path)[0]:
+            key = (r["dataset_name"], r["dataset_index"], r["run"])
+            if key not in done:
+                failed[key] = r
+    out = [failed[k] for k in sorted(failed, key=lambda k: (bench_order(k[0]), k[1], k[2]))]
+    write_jsonl(os.path.join(folder, "failed.jsonl"), out)
+    for path in paths:
+        if os.path.basename(path) != "failed.jsonl":
+            os.remove(path)
+    return out
 
 
 def hash_key(name: str, index: int) -> int:

@@ -32,6 +32,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +44,7 @@ from common.files import check_output, repair_tail, write_json
 from common.generate import HFEngine, Prompt, encode, row_seed
 from common.vllm_engine import VLLMEngine
 from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
-from common.model import build_meta, flops_per_token, load_processor, resolve
+from common.model import build_meta, control_strings, flops_per_token, load_processor, resolve
 
 # Curated training sets written by data_prep.py (run/data_prep.sh builds them): 3B pass counts, 1..7 of 16.
 DATASETS = {"text": "data/m23k_3b_e2h", "image": "data/pmc_vqa_3b_e2h"}
@@ -246,21 +247,34 @@ def split_by_response(packed: forward.Packed, lp, ent) -> list:
 # The stages of a step, as functions of explicit arguments (main below is the loop that calls them in order)
 
 
-def usable_rows(rows, max_prompt_length: int) -> tuple[list, dict]:
-    """Indices of the rows whose text fields parse and whose known prompt length fits, and {reason: count} for the
-    rest (images are read when a row is used)."""
-    usable, skipped = [], {}
-    text_cols = [c for c in rows.column_names if c != "images"]
-    for i, row in enumerate(rows.select_columns(text_cols)):
+def usable_rows(rows, max_prompt_length: int, processor, tokenizer, root: str | None, d) -> tuple[list, dict]:
+    """Indices of the rows this model can train on, and {reason: count} for the rest, decided before step 1 so that
+    no step stops on a bad row. A row is skipped when it does not parse (common.data.parse_row, the model's own
+    control tokens included), has images for a text-only model, or is over-long: its prompt, rendered with the
+    real chat template and counted with the processor's image tokens (prompts.prompt_tokens, the count sft.py
+    and data_prep.py use), is longer than max_prompt_length (RECIPE §6.1: 2048). Every image is read once here;
+    the ranks share the rows (strided) and gather the verdicts, so all ranks return the same lists."""
+    control = control_strings(tokenizer)
+    usable, skipped = [], Counter()
+    for i in range(d.rank, len(rows), d.world_size):
         try:
-            parse_row(row, need_images=False)
-            if row.get("prompt_tokens") is not None and row["prompt_tokens"] > max_prompt_length:
-                raise RowError("prompt too long")
+            try:
+                row = rows[i]
+            except RowError:
+                raise
+            except Exception as e:  # a cell that cannot be decoded (datasets raises many types)
+                raise RowError(f"unreadable row ({type(e).__name__})") from None
+            item = parse_row(row, root, control=control)
+            if item.images and processor is None:
+                raise RowError("has images but the model is text-only")
+            n = prompts.prompt_tokens(processor, tokenizer, item)
+            if n > max_prompt_length:
+                raise RowError(f"over-long: prompt of {n} tokens > max_prompt_length {max_prompt_length}")
             usable.append(i)
         except RowError as e:
-            key = str(e).split(":")[0][:60]
-            skipped[key] = skipped.get(key, 0) + 1
-    return usable, skipped
+            skipped[str(e).split(":")[0][:60]] += 1
+    gathered = dist.all_gather_objects((usable, skipped))
+    return sorted(i for u, _ in gathered for i in u), dict(sum((Counter(s) for _, s in gathered), Counter()))
 
 
 def step_rows(step: int, usable: list, steps_per_epoch: int, train_batch: int, shuffle: bool, data_seed: int) -> list:
@@ -273,10 +287,10 @@ def step_rows(step: int, usable: list, steps_per_epoch: int, train_batch: int, s
 
 def make_episodes(rows, idx: list, root: str, processor, tokenizer, max_prompt_length: int, src: str) -> list:
     """One Episode per row index, its prompt rendered and tokenised; a row that became unusable stops the run."""
-    eps = []
+    eps, control = [], control_strings(tokenizer)
     for i in idx:
         try:
-            item = parse_row(rows[i], root)
+            item = parse_row(rows[i], root, control=control)
         except RowError as e:  # data_prep.py validates images; a file broken since then stops the run here
             raise SystemExit(f"row {i} of {src}: {e}") from None
         if item.images and processor is None:
@@ -327,26 +341,37 @@ def rollout(llm, net, eps: list, seeds: list, sampling: dict, tp: int, d) -> lis
 def validate(llm, net, val_data: str, val_limit: int, seed: int, new_tokens: int, processor, tokenizer, tp: int,
              d) -> dict:
     """Greedy accuracy (the paper's lenient grader) and strict reward on the first `val_limit` items, split over
-    ranks. Rows that cannot be graded here (bad rows, image items for a text-only policy) are counted, not graded."""
+    ranks. Rows that cannot be graded here (bad rows, image items for a text-only policy) are counted as skipped;
+    an item whose prompt the processor cannot encode is counted as failed and left out, so one bad item never
+    costs the others their validation (each prompt is encoded alone first: a batch error would stop the rollout)."""
     vrows = load_rows(val_data, "test")
     vroot = data_root(val_data)
-    eps, skipped = [], 0
+    control = control_strings(tokenizer)
+    eps, skipped, failed = [], 0, 0
     for i in range(d.rank, min(len(vrows), val_limit), d.world_size):
         try:
-            it = parse_row(vrows[i], vroot)
+            it = parse_row(vrows[i], vroot, control=control)
         except RowError:
             skipped += 1  # bad rows are data_prep.py's to report
             continue
         if it.images and processor is None:
             skipped += 1
             continue
-        eps.append(Episode(it, Prompt(prompts.prompt_text(processor, tokenizer, it), it.images)))
+        try:
+            p = Prompt(prompts.prompt_text(processor, tokenizer, it), it.images)
+            encode(processor, tokenizer, p)  # cached on the prompt: the HF engine does not encode it again
+        except Exception as e:  # whatever the processor raises on this item
+            failed += 1
+            print(f"validation row {i} of {val_data} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        eps.append(Episode(it, p))
     outs = rollout(llm, net, eps, [row_seed(seed, ep.item.dataset_index) for ep in eps],
                    dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=new_tokens), tp, d)
     acc = sum(grading.lenient_correct(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
     rew = sum(grading.strict_reward(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
-    cnt, acc, rew, skipped = dist.all_reduce_many([len(eps), acc, rew, skipped])
-    return {"val/acc": acc / max(1, cnt), "val/reward": rew / max(1, cnt), "val/items": cnt, "val/skipped": skipped}
+    cnt, acc, rew, skipped, failed = dist.all_reduce_many([len(eps), acc, rew, skipped, failed])
+    return {"val/acc": acc / max(1, cnt), "val/reward": rew / max(1, cnt), "val/items": cnt, "val/skipped": skipped,
+            "val/failed": failed}
 
 
 def score(eps: list, reward_fn, G: int, max_new_tokens: int, overlong_buffer: int, overlong_factor: float,
@@ -501,7 +526,7 @@ def main(
     split: str = "train",  # split of a hub dataset
     shuffle: bool = True,  # recipe's released runs shuffle (seed 1); false = the stored easy-to-hard order
     data_seed: int = 1,  # recipe: verl data.seed 1 for the shuffled sampler
-    max_prompt_length: int = 2048,  # rows whose data_prep prompt_tokens exceed it are skipped and counted; others stop the run
+    max_prompt_length: int = 2048,  # recipe 2048; longer prompts (template + image tokens) are skipped and counted
     epochs: int = -1,  # -1 = recipe (5 for text, 1 for image, else 1)
     max_steps: int = -1,  # stop early
     # Rollout
@@ -595,13 +620,14 @@ def main(
     rows = load_rows(src, split)
     processor, tokenizer = load_processor(model, trust_remote_code)
     root = data_root(src)
-    usable, skipped = usable_rows(rows, max_prompt_length)
+    usable, skipped = usable_rows(rows, max_prompt_length, processor, tokenizer, root, d)
     steps_per_epoch = len(usable) // train_batch  # drop_last, as verl
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(usable)} usable prompts cannot fill one step of {train_batch}")
     total = epochs * steps_per_epoch if max_steps < 0 else min(max_steps, epochs * steps_per_epoch)
-    if skipped:
-        dist.print0(f"skipped rows: {skipped}")
+    if skipped:  # e.g. "2 of 10 rows skipped: 2 over-long"
+        dist.print0(f"{sum(skipped.values())} of {len(rows)} rows skipped: " +
+                    ", ".join(f"{n} {reason}" for reason, n in skipped.items()))
 
     # Models: actor (FSDP2, trained), reference (FSDP2, frozen; only when kl_coef != 0)
     net = sharded_model(model, d.device, dtype, attn, cpu_offload, activation_checkpointing, freeze_vision,
@@ -624,7 +650,7 @@ def main(
         llm = VLLMEngine(resolve(model), tokenizer, tp=tp, seed=seed, dtype=dtype,
                          gpu_memory_utilization=gpu_memory_utilization,
                          max_model_len=max_prompt_length + max(max_new_tokens, val_max_new_tokens), sleep=True,
-                         dummy_weights=True, is_vl=processor is not None,
+                         dummy_weights=True, is_vl=processor is not None, processor=processor,
                          weight_source=lambda: fsdp.full_params(net))
     else:
         llm = HFEngine(net, processor, tokenizer, batch_size=rollout_batch, synced=d.world_size > 1)
@@ -649,7 +675,8 @@ def main(
             v = validate(llm, net, val_data, val_limit, row_seed(seed, -1 - step), val_max_new_tokens, processor,
                          tokenizer, tp, d)
             log.log(step, v, f"step {step:05d} | val acc {v['val/acc']:.4f} | val reward {v['val/reward']:.4f} "
-                             f"({int(v['val/items'])} items, {int(v['val/skipped'])} skipped)")
+                             f"({int(v['val/items'])} items, {int(v['val/skipped'])} skipped, "
+                             f"{int(v['val/failed'])} failed)")
         if step > 0 and (last_step or (save_every and step % save_every == 0)):
             save(out, step, step != start_step, net, opt, processor, tokenizer, user_config, dtype, d)
         if last_step:

@@ -3,11 +3,19 @@
 Row fields: images (list of images or None), question, options (a JSON *string* of {"A": "...", ...}), answer_label,
 answer, reasoning, dataset_name, dataset_index (+ hash, misc, and pass_count after curation). A row that cannot
 be used raises RowError with the reason; callers count and report it, nothing is dropped silently.
+
+Text that reaches the model (question, options, reasoning) must not hold the model's control strings: the tokenizer
+would turn `<|im_start|>` into a real turn marker and `<|vision_start|><|image_pad|><|vision_end|>` into an image
+slot with no image (the processor then fails). parse_row rejects every `<|name|>` string (CONTROL_PATTERN: the
+Qwen/ChatML family, Llama-3's and Phi's), so data_prep rejects them before any tokenizer is known; callers that
+have the model's tokenizer also pass its own special-token texts (common.model.control_strings) as `control`.
 """
 
 import hashlib
 import json
+import functools
 import os
+import re
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -15,6 +23,9 @@ from common.files import iter_jsonl
 from common.images import RowError, bound_image, load_image, safe_path, to_rgb  # noqa: F401  (one import place)
 
 MAX_QUESTION_CHARS = 16_000  # far above any benchmark question; longer ones are garbage or attacks
+# `<|name|>` with a name of 3+ word characters: <|im_start|>, <|im_end|>, <|endoftext|>, <|vision_start|>,
+# <|image_pad|>, <|eot_id|>, <|end|>, ... (the short minimum leaves math such as <|x|> alone)
+CONTROL_PATTERN = r"<\|[A-Za-z][A-Za-z0-9_]{2,63}\|>"
 SCHEMA = ("images", "question", "options", "answer_label", "answer", "reasoning", "dataset_name", "dataset_index")
 
 
@@ -130,6 +141,22 @@ def _text(row, key, required=True) -> str | None:
     return v
 
 
+@functools.lru_cache(maxsize=8)
+def _control_regex(control: frozenset) -> re.Pattern:
+    alternatives = [CONTROL_PATTERN] + [re.escape(t) for t in sorted(control, key=len, reverse=True)]
+    return re.compile("|".join(alternatives))
+
+
+def check_control(field: str, text: str | None, control: frozenset = frozenset()) -> None:
+    """Raise RowError if `text` holds a model control string: CONTROL_PATTERN or any string in `control`."""
+    if not text:
+        return
+    m = _control_regex(frozenset(control)).search(text)
+    if m:
+        raise RowError(f"{field} holds the model control string {m.group(0)!r} (it would become a control token: "
+                       "a fake turn or an image slot without an image)")
+
+
 def parse_options(raw) -> dict:
     """JSON string (or dict) -> {letter: text}; at least two non-empty options, unique letters."""
     if isinstance(raw, str):
@@ -150,8 +177,11 @@ def parse_options(raw) -> dict:
     return opts
 
 
-def parse_row(row: dict, root: str | None = None, need_images: bool = True) -> Item:
-    """Validate one unified-schema row into an Item, or raise RowError saying why it cannot be used."""
+def parse_row(row: dict, root: str | None = None, need_images: bool = True, control: frozenset = frozenset()) -> Item:
+    """Validate one unified-schema row into an Item, or raise RowError saying why it cannot be used.
+
+    `control`: extra strings the question, options and reasoning must not contain (the model tokenizer's special
+    tokens, common.model.control_strings); CONTROL_PATTERN is always checked."""
     if not isinstance(row, dict):
         raise RowError(f"row is {type(row).__name__}, not an object")
     if "_error" in row:  # a line JsonlRows could not read
@@ -173,6 +203,10 @@ def parse_row(row: dict, root: str | None = None, need_images: bool = True) -> I
     if isinstance(index, bool) or not isinstance(index, int):
         raise RowError(f"dataset_index must be an integer, got {index!r}")
     reasoning = _text(row, "reasoning", required=False)
+    check_control("question", question, control)
+    for letter, option in options.items():
+        check_control(f"option {letter}", option, control)
+    check_control("reasoning", reasoning, control)
     raw_images = row.get("images") or []
     if not isinstance(raw_images, (list, tuple)):
         raise RowError("images must be a list")

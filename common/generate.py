@@ -7,7 +7,10 @@ The HF engine prefills each prompt once and then decodes its n samples from copi
 n responses costs one prompt forward. Finished rows leave the batch. Each (prompt, sample) row draws its random
 numbers from its own generator seeded by (prompt seed, sample index), so what a row samples does not depend on
 which other prompts share its batch, on the number of ranks, or on where a resumed run restarts. Vision special
-tokens are never sampled. Both engines decode a response's text the same way: tokenizer.decode of its token ids.
+tokens are never sampled. Both engines turn a response's token ids into text the same way (model.decode_response): the
+format tags stay even when the tokenizer made them special tokens, only the other special tokens (eos, pad,
+<|im_end|>) go, and a prefill that the chat template's generation prompt ends with (prompts.generation_prefill, e.g.
+`<think>\n`) is put in front, so the graders see the assistant turn as it reads.
 
 Under FSDP every rank must run the same number of forward calls (`synced=True`): ranks with fewer prompts run
 dummy prefills, and decoding continues until every rank is done.
@@ -19,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from common import dist, forward, prompts
-from common.model import banned_token_ids, stop_token_ids
+from common.model import banned_token_ids, decode_response, response_drop_ids, stop_token_ids
 
 
 @dataclass
@@ -32,7 +35,7 @@ class Prompt:
 @dataclass
 class Sample:
     token_ids: list  # response tokens, the stop token included when the response stopped
-    text: str  # decoded with special tokens skipped (what the graders see)
+    text: str  # what the graders see: template prefill + decoded tokens, format tags kept (model.decode_response)
     finish_reason: str  # "stop" | "length"
     logprobs: list | None = None  # per-token sampling log-probs (vllm engine, when asked)
 
@@ -102,10 +105,45 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gens: li
     return torch.searchsorted(cdf, u[:, None]).clamp(max=probs.shape[-1] - 1)[:, 0]
 
 
+def prefill_of(template_owner) -> str:
+    """prompts.generation_prefill, announced once on rank 0 when there is one (engines call it at start)."""
+    prefill = prompts.generation_prefill(template_owner)
+    if prefill:
+        dist.print0(f"the chat template's generation prompt ends with the prefill {prefill!r}: it is put in front of "
+                    "every response before grading")
+    return prefill
+
+
+def response_prefill(prompt: Prompt, prefill: str) -> str:
+    """The template prefill this prompt ends with ('' when it does not end with it, e.g. a hand-written prompt)."""
+    return prefill if prefill and prompt.text.endswith(prefill) else ""
+
+
+def generate_each(engine, prompts: list, seeds: list, **sampling) -> list:
+    """engine.generate(prompts, seeds=seeds, **sampling), where one bad prompt costs only itself: if the call
+    raises, each prompt is generated alone, and a prompt that still raises gets its exception in place of its
+    [Sample] * n. Per-row seeds make a prompt's samples the same alone as in a batch. Returns one entry per prompt.
+    Not for a `synced` HF engine (FSDP): a rank that retries alone would leave its peers' collectives waiting."""
+    try:
+        return engine.generate(prompts, seeds=seeds, **sampling)
+    except Exception as e:  # anything a prompt can trigger (processor, tokenizer, engine checks, memory)
+        if len(prompts) == 1:
+            return [e]
+    out = []
+    for p, seed in zip(prompts, seeds):
+        try:
+            out += engine.generate([p], seeds=[seed], **sampling)
+        except Exception as e:
+            out.append(e)
+    return out
+
+
 class HFEngine:
     def __init__(self, model, processor, tokenizer, batch_size: int = 8, synced: bool = False):
         self.model, self.processor, self.tokenizer = model, processor, tokenizer
         self.batch_size, self.synced = batch_size, synced
+        self.drop = response_drop_ids(tokenizer)  # special ids decoded away (format tags are kept)
+        self.prefill = prefill_of(processor if processor is not None else tokenizer)
         self.stop = set(stop_token_ids(tokenizer, model.generation_config))
         self.banned = banned_token_ids(tokenizer) if forward.is_vl(model) else []
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -120,12 +158,13 @@ class HFEngine:
         results = [None] * len(prompts)
         for b in range(n_batches):
             idx = batches[b] if b < len(batches) else []
-            outs = self._batch([segs[i] for i in idx], [seeds[i] for i in idx], n, temperature, top_p, max_new_tokens)
+            outs = self._batch([segs[i] for i in idx], [seeds[i] for i in idx], n, temperature, top_p, max_new_tokens,
+                               [response_prefill(prompts[i], self.prefill) for i in idx])
             for i, samples in zip(idx, outs):
                 results[i] = samples
         return results
 
-    def _batch(self, segs, seeds, n, temperature, top_p, max_new_tokens):
+    def _batch(self, segs, seeds, n, temperature, top_p, max_new_tokens, prefills):
         model, device = self.model, next(self.model.parameters()).device
         dummy = not segs  # this rank has no work left but must keep step with the others
         if dummy:
@@ -192,6 +231,6 @@ class HFEngine:
             return []
         out = []
         for i in range(B):
-            out.append([Sample(tokens[i * n + j], self.tokenizer.decode(tokens[i * n + j], skip_special_tokens=True),
-                               finish[i * n + j]) for j in range(n)])
+            out.append([Sample(tokens[i * n + j], decode_response(self.tokenizer, tokens[i * n + j], self.drop,
+                                                                  prefills[i]), finish[i * n + j]) for j in range(n)])
         return out

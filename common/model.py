@@ -20,6 +20,9 @@ PRESETS = {
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+# What the reward and both graders read (RECIPE §4, §7.2). Some reasoning tokenizers register these as special tokens;
+# they must survive decoding all the same.
+FORMAT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
 def resolve(name: str) -> str:
@@ -106,6 +109,40 @@ def banned_token_ids(tokenizer) -> list[int]:
     """Vision special tokens the policy must never emit (a sampled <|image_pad|> breaks the re-forward)."""
     vocab = tokenizer.get_vocab()
     return sorted(vocab[t] for t in VISION_TOKENS if t in vocab)
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    """Ids that `decode(..., skip_special_tokens=True)` would drop: every added token marked special (the Rust
+    tokenizer's own test, which also covers tokens added with `add_tokens(..., special_tokens=True)` that
+    `all_special_ids` does not list) plus `all_special_ids` (eos, pad, ...)."""
+    ids = {i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
+    return ids | set(tokenizer.all_special_ids)
+
+
+def response_drop_ids(tokenizer) -> frozenset[int]:
+    """The special ids a response loses on decode: all of special_token_ids except the format tags, which the
+    graders must see even when the tokenizer made them special tokens."""
+    vocab = tokenizer.get_vocab()
+    keep = {vocab[t] for t in FORMAT_TAGS if t in vocab}
+    return frozenset(special_token_ids(tokenizer) - keep)
+
+
+def control_strings(tokenizer) -> frozenset[str]:
+    """The text of every special token of `tokenizer` (special_token_ids) that is not a format tag (`<|im_start|>`,
+    `<|image_pad|>`, `<|endoftext|>`, ...): strings that data text must not contain, because the tokenizer turns
+    them into control tokens (fake turns, image slots without an image). Added tokens that are not special (plain
+    vocabulary such as whitespace runs) and blank strings are left out."""
+    texts = {tokenizer.convert_ids_to_tokens(i) for i in special_token_ids(tokenizer)}
+    return frozenset(t for t in texts if isinstance(t, str) and t.strip() and t not in FORMAT_TAGS)
+
+
+def decode_response(tokenizer, token_ids, drop_ids: frozenset[int] | None = None, prefill: str = "") -> str:
+    """A response's text as graded: `prefill` (the chat template's generation-prompt prefill, see
+    prompts.generation_prefill) followed by the decoded `token_ids` with the special tokens in `drop_ids`
+    (default: response_drop_ids(tokenizer): eos, pad, <|im_end|>, ...) removed and every other token kept, the
+    format tags included. Both engines decode through this function."""
+    drop = response_drop_ids(tokenizer) if drop_ids is None else drop_ids
+    return prefill + tokenizer.decode([t for t in token_ids if t not in drop], skip_special_tokens=False)
 
 
 def num_params(model, exclude_embeddings: bool = True) -> int:

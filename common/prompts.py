@@ -10,6 +10,8 @@ message, so the Qwen chat template adds its default system turn. `processor` is 
 item is anything with `question`, `options` and `images` (common.data.Item).
 """
 
+import os
+
 INSTRUCTION = (
     r"You will solve a problem/request. You should provide your thoughts within <think> </think> tags before "
     r"providing the answer.\nWrite your final answer within <answer> </answer> tags."
@@ -55,6 +57,26 @@ def prompt_text(processor, tokenizer, item, target: str | None = None) -> str:
     multimodal = processor is not None
     owner = processor if multimodal else tokenizer
     return render(owner, messages(item.question, item.options, len(item.images), multimodal), target)
+
+
+def generation_prefill(template_owner) -> str:
+    """What the chat template's generation prompt adds after the assistant header, i.e. text the model continues
+    from but did not write: '' for Qwen2.5-VL (RECIPE §3.2: "There is no `<think>` prefill"), '<think>\\n' for a
+    template whose generation prompt is `<|im_start|>assistant\\n<think>\\n`. The engines prepend it to each
+    response, so the graders see `<think>...` as the model's turn reads.
+
+    Found by rendering one dummy user turn twice, with the generation prompt and closed by an assistant turn holding
+    a sentinel: the header is what the two have in common, the prefill the rest of the generation prompt. A template
+    that writes the same prefill into every assistant turn it renders reads as a header, so such a prefill is not
+    found (and that template would also put it into SFT targets). An owner without a chat template gives ''."""
+    if not getattr(template_owner, "chat_template", None):
+        return ""
+    multimodal = hasattr(template_owner, "image_processor")
+    msgs = messages("2+2?", {"A": "4", "B": "5"}, 0, multimodal)
+    gen = render(template_owner, msgs)
+    full = render(template_owner, msgs, "\u2603sentinel")
+    n = len(os.path.commonprefix([gen, full]))
+    return gen[n:]
 
 
 def image_tokens(processor, images) -> int:

@@ -46,8 +46,16 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE trained on a few sentences, wrapped as transformers' Qwen2Tokenizer with Qwen specials."""
+# The format tags as special tokens, as several reasoning tokenizers register them (issue 11 §1)
+FORMAT_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+# The same chat format with a reasoning prefill at the end of the generation prompt
+PREFILL_TEMPLATE = CHAT_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}",
+                                        "<|im_start|>assistant\n<think>\n{% endif %}")
+
+
+def build_tokenizer(vocab_size: int = 512, special_tags: bool = False, chat_template: str = CHAT_TEMPLATE):
+    """A byte-level BPE trained on a few sentences, wrapped as transformers' Qwen2Tokenizer with Qwen specials;
+    `special_tags` also registers FORMAT_TAGS as special tokens (ids after the Qwen ones)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -64,18 +72,22 @@ def build_tokenizer(vocab_size: int = 512):
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
-    tok.chat_template = CHAT_TEMPLATE
+    if special_tags:
+        tok.add_tokens(FORMAT_TAGS, special_tokens=True)
+    tok.chat_template = chat_template
     return tok
 
 
-def build_tiny_vl(folder: str, seed: int = 0, hidden: int = 64, layers: int = 2) -> str:
+def build_tiny_vl(folder: str, seed: int = 0, hidden: int = 64, layers: int = 2, special_tags: bool = False,
+                  chat_template: str = CHAT_TEMPLATE) -> str:
     """Write a random-weight Qwen2.5-VL (2 text layers, 2 vision blocks) with tokenizer and processor to `folder`.
 
-    hidden=128 gives head_dim 32, the smallest that vLLM's CPU attention takes (it supports 32, 64, 80, ...)."""
+    hidden=128 gives head_dim 32, the smallest that vLLM's CPU attention takes (it supports 32, 64, 80, ...).
+    special_tags / chat_template: see build_tokenizer (the template goes to the processor too)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
-    tok = build_tokenizer()
+    tok = build_tokenizer(special_tags=special_tags, chat_template=chat_template)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     # 4 heads; M-RoPE splits head_dim / 2 rotary frequencies into (time, height, width): 8 -> [2, 3, 3], 16 -> [4, 6, 6]
     half = hidden // 4 // 2
@@ -103,9 +115,37 @@ def build_tiny_vl(folder: str, seed: int = 0, hidden: int = 64, layers: int = 2)
     image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14,
                                             merge_size=2, temporal_patch_size=2)
     processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok,
-                                    video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+                                    video_processor=Qwen2VLVideoProcessor(), chat_template=chat_template)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    return folder
+
+
+def script_chain(folder: str, chain: list[int]) -> str:
+    """Rewrite the weights of a tiny model in `folder` so that greedy decoding maps chain[k] -> chain[k+1]: the
+    decoder blocks' output projections (attention o_proj, MLP down_proj) are zeroed, so the last hidden state is the
+    current token's own embedding (any prompt, images included, ending in chain[0] gives the same continuation);
+    each chain token's embedding becomes a unit axis and lm_head points chain[k+1]'s row at chain[k]'s axis.
+    Chain tokens must be distinct and at most hidden-size many. A real model and real tokenizer that write a known
+    response: the decode and grading paths can then be tested end to end."""
+    from transformers import AutoModelForImageTextToText
+
+    if len(set(chain)) != len(chain):
+        raise ValueError(f"chain tokens repeat: {chain}")
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    lm = model.model.language_model
+    with torch.no_grad():
+        for layer in lm.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        lm.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        for k, t in enumerate(chain):
+            lm.embed_tokens.weight[t].zero_()
+            lm.embed_tokens.weight[t, k] = 1.0
+            if k + 1 < len(chain):
+                model.lm_head.weight[chain[k + 1], k] = 10.0
+    model.save_pretrained(folder)
     return folder
 
 

@@ -1,7 +1,7 @@
 """vLLM as a colocated rollout and evaluation engine, with the HF engine's interface (common/generate.py):
 in-process under torchrun (external_launcher), weights pushed from the trainer, their state owned here.
 
-    engine = VLLMEngine(folder, tokenizer, dtype="bf16", weight_source=lambda: fsdp.full_params(net))
+    engine = VLLMEngine(folder, tokenizer, dtype="bf16", weight_source=lambda: fsdp.full_params(net), processor=proc)
     engine.generate(prompts, n, temperature, top_p, max_new_tokens, seeds, logprobs) -> [[Sample] * n] * len(prompts)
 """
 
@@ -10,8 +10,8 @@ import os
 
 import torch
 
-from common.generate import Sample
-from common.model import DTYPES, banned_token_ids, load_config
+from common.generate import Sample, prefill_of, response_prefill
+from common.model import DTYPES, banned_token_ids, decode_response, load_config, response_drop_ids
 
 
 def _refresh_lm_heads(worker) -> None:
@@ -54,7 +54,7 @@ class VLLMEngine:
     def __init__(self, model: str, tokenizer, tp: int = 1, seed: int = 0, dtype: str = "bf16",
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, sleep: bool = False,
                  dummy_weights: bool = False, max_images: int = 8, is_vl: bool = True, weight_source=None,
-                 cpu_kv_cache_gb: float = 1.0):
+                 cpu_kv_cache_gb: float = 1.0, processor=None):
         for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
                 raise RuntimeError(f"the vLLM engine runs under external_launcher and needs {var}: call "
@@ -89,6 +89,10 @@ class VLLMEngine:
             kw["limit_mm_per_prompt"] = {"image": max_images, "video": 0}
         self.llm = LLM(**kw)
         self.tokenizer, self.banned = tokenizer, banned_token_ids(tokenizer) if is_vl else []
+        # responses are decoded as the HF engine does (format tags kept, the template's prefill in front); the
+        # processor's chat template is the one prompts are rendered with, the tokenizer's when there is none
+        self.drop = response_drop_ids(tokenizer)
+        self.prefill = prefill_of(processor if processor is not None else tokenizer)
         self.weight_source, self.dtype = weight_source, DTYPES[dtype]
         self.weights = "stale" if dummy_weights else "current"
         self.kv_awake = True
@@ -147,12 +151,12 @@ class VLLMEngine:
                                  logit_bias={t: -100.0 for t in self.banned} or None, logprobs=0 if logprobs else None)
                   for s in seeds]
         results = []
-        for req_out in self.llm.generate(reqs, params, use_tqdm=False):
-            samples = []
+        for p, req_out in zip(prompts, self.llm.generate(reqs, params, use_tqdm=False)):
+            samples, pre = [], response_prefill(p, self.prefill)
             for o in req_out.outputs:
                 lps = [d[t].logprob for d, t in zip(o.logprobs, o.token_ids)] if logprobs and o.logprobs else None
                 ids = list(o.token_ids)  # decoded as the HF engine does: one decode path for both engines
-                samples.append(Sample(ids, self.tokenizer.decode(ids, skip_special_tokens=True),
+                samples.append(Sample(ids, decode_response(self.tokenizer, ids, self.drop, pre),
                                       "length" if o.finish_reason == "length" else "stop", lps))
             results.append(samples)
         self.llm.reset_mm_cache()  # the multimodal encoder cache is never evicted otherwise

@@ -53,6 +53,39 @@ def tiny_text():
     return _cached("tiny_text", build_tiny_text)
 
 
+# What the scripted model (tiny_vl_tags) writes after its template's `<think>\n` prefill, for every prompt
+SCRIPTED = "x</think><answer>A</answer>"
+
+
+def _build_tags(path, hidden=64):
+    from transformers import AutoTokenizer
+
+    from common import testmodels as T
+    from common.files import atomic_dir
+
+    with atomic_dir(path) as tmp:
+        T.build_tiny_vl(tmp, hidden=hidden, special_tags=True, chat_template=T.PREFILL_TEMPLATE)
+        tok = AutoTokenizer.from_pretrained(tmp)
+        last = tok("<think>\n", add_special_tokens=False)["input_ids"][-1]  # every prompt ends with it
+        T.script_chain(tmp, [last, *tok(SCRIPTED, add_special_tokens=False)["input_ids"],
+                             tok.convert_tokens_to_ids("<|im_end|>")])
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_tags():
+    """The tiny Qwen2.5-VL whose tokenizer registers <think>, </think>, <answer>, </answer> as special tokens and
+    whose chat template ends the generation prompt with the prefill `<think>\n`; its weights are scripted
+    (testmodels.script_chain) so that greedy decoding answers any prompt with SCRIPTED: a perfect response to an
+    item whose answer is A, once the prefill is put in front."""
+    return _cached("tiny_vl_tags", _build_tags)
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_tags_vllm():
+    """tiny_vl_tags with head_dim 32, for vLLM's CPU attention."""
+    return _cached("tiny_vl_tags_vllm", lambda path: _build_tags(path, hidden=128))
+
+
 @pytest.fixture(scope="session")
 def tiny_vl_vllm():
     """The tiny Qwen2.5-VL with head_dim 32: vLLM's CPU attention takes no smaller head."""

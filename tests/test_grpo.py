@@ -232,3 +232,27 @@ def test_vllm_engine_on_gpu(tiny_vl_vllm):
         llm.generate([Prompt("hi")], max_new_tokens=2)
     llm.shutdown()
     dist.cleanup()
+
+
+def test_over_long_rows_are_counted_up_front_and_tags_score(tmp_path, tiny_vl_tags):
+    """Issue 11 §6: two rows whose prompts exceed --max_prompt_length, one by its text and one only by its image
+    tokens (a 112x112 image is 16 tokens, a 56x56 one 4), are counted before step 1, reported and skipped, and
+    training goes on with the others (before: the run stopped at the first step that sampled one; they come first
+    in the unshuffled order). Issue 11 §1: on the scripted model (tags as special tokens, `<think>\\n` prefill) every
+    rollout is a perfect response, so the recipe's strict reward is 1 for all."""
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (56, 56), (30, 30, 30)).save(tmp_path / "img" / "small.png")
+    Image.new("RGB", (112, 112), (30, 30, 30)).save(tmp_path / "img" / "big.png")
+    row = {"question": "Which side?", "options": {"A": "Left", "B": "Right"}, "answer_label": "A", "answer": "Left",
+           "dataset_name": "toy", "images": ["img/small.png"]}
+    rows = [{**row, "dataset_index": 0, "images": ["img/big.png"]},
+            {**row, "dataset_index": 1, "question": "Which side? " + "bright lesion " * 10}]
+    rows += [{**row, "dataset_index": i} for i in range(2, 10)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = run_py("grpo.py", "--model", tiny_vl_tags, "--data", str(tmp_path / "d.jsonl"), "--engine", "hf", "--dtype",
+               "fp32", "--group_size", "2", "--train_batch", "8", "--mini_batch", "8", "--max_new_tokens", "12",
+               "--max_prompt_length", "100", "--shuffle", "false", "--kl_coef", "0", "--max_steps", "1",
+               "--activation_checkpointing", "false", "--save_every", "0", "--out", str(tmp_path / "g"))
+    assert "2 of 10 rows skipped: 2 over-long" in p.stdout
+    m = _metrics(tmp_path / "g")[0]
+    assert m["reward"] == 1.0 and m["acc"] == 1.0 and m["format"] == 1.0

@@ -120,3 +120,20 @@ def test_passrate_vllm_end_to_end(tmp_path, tiny_vl_vllm, sample_data):
     assert n == 4 and len(counts) == 3 and all(0 <= c <= 4 for c in counts.values())
     dp.filter_set(data=data, passrate=str(out), min_pass=0, max_pass=4, out=str(tmp_path / "f"))
     assert json.load(open(tmp_path / "f" / "manifest.json"))["rows_out"] == 3
+
+
+def test_evaluate_vllm_grades_tags_and_prefill(tmp_path, tiny_vl_tags_vllm):
+    """Issue 11 §1 on the vLLM engine (the decode path it shares with the HF engine, and the processor's template
+    for the prefill): the scripted model's responses are graded whole, `<think>\\n` prefill and special-token tags
+    included, and both graders count them correct; the rows with control strings are rejected."""
+    from conftest import SCRIPTED
+    from test_evaluate import _tags_rows
+
+    out = tmp_path / "ev"
+    p = run_py("evaluate.py", "--model", tiny_vl_tags_vllm, "--engine", "vllm", "--data", _tags_rows(tmp_path),
+               "--dtype", "fp32", "--max_new_tokens", "12", "--runs", "1", "--out", str(out), timeout=900)
+    recs = [json.loads(x) for x in open(out / "items.jsonl")]
+    assert sorted(r["dataset_index"] for r in recs) == [0, 1, 2]
+    assert all(r["response"] == "<think>\n" + SCRIPTED and r["correct"] and r["correct_strict"] for r in recs), recs
+    assert json.load(open(out / "summary.json"))["skipped_rows"] == 2
+    _clean_exit(p)
