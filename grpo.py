@@ -32,6 +32,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -42,7 +43,7 @@ from common.files import check_output, write_json
 from common.generate import HFEngine, Prompt, encode, row_seed
 from common.vllm_engine import VLLMEngine
 from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
-from common.model import build_meta, flops_per_token, load_processor, resolve
+from common.model import Attn, Dtype, build_meta, flops_per_token, load_processor, resolve
 
 # Curated training sets written by data_prep.py (run/data_prep.sh builds them): 3B pass counts, 1..7 of 16.
 DATASETS = {"text": "data/m23k_3b_e2h", "image": "data/pmc_vqa_3b_e2h"}
@@ -468,8 +469,8 @@ def main(
     # Model
     model: str = "7b",  # policy init: preset (3b/7b/32b/72b), hub id or folder (e.g. an sft.py export)
     ref_model: str = "",  # KL reference ('' = the initial policy)
-    dtype: str = "bf16",  # compute dtype (FSDP mixed precision; fp32 master weights and reductions)
-    attn: str = "auto",  # auto = flash_attention_2 if installed on GPU, else sdpa
+    dtype: Dtype = "bf16",  # compute dtype (FSDP mixed precision; fp32 master weights and reductions)
+    attn: Attn = "auto",  # auto = flash_attention_2 if installed on GPU, else sdpa
     activation_checkpointing: bool = True,  # recipe: enable_gradient_checkpointing=True
     cpu_offload: bool = False,  # actor FSDP CPU offload
     ref_offload: bool = True,  # recipe: ref param_offload=True
@@ -484,7 +485,7 @@ def main(
     epochs: int = -1,  # -1 = recipe (5 for text, 1 for image, else 1)
     max_steps: int = -1,  # stop early
     # Rollout
-    engine: str = "auto",  # auto (vllm on GPU when installed, else hf) | vllm | hf
+    engine: Literal["auto", "vllm", "hf"] = "auto",  # auto = vllm on a GPU where it is installed, else hf
     group_size: int = 8,  # responses per prompt (the recipe's rollout.n; torchrun would misread a flag named --n)
     temperature: float = 1.0,  # rollout sampling (recipe 1.0)
     top_p: float = 1.0,  # rollout nucleus sampling (recipe 1.0 = off)
@@ -508,9 +509,9 @@ def main(
     clip_high: float = 0.2,  # DAPO clip-higher: 0.28
     clip_c: float = 3.0,  # dual clip (<= 1 disables)
     kl_coef: float = 0.01,  # 0 = no KL and no reference model
-    kl_type: str = "k3",  # k1 | k2 | k3 (low_var_kl)
+    kl_type: Literal["k1", "k2", "k3"] = "k3",  # k3 = verl's low_var_kl
     entropy_coef: float = 0.0,  # entropy bonus in the loss (recipe 0)
-    loss_agg: str = "token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean",  # verl's names
     drop_zero_var: bool = False,  # leave all-right / all-wrong groups out of the update
     mask_truncated: bool = False,  # responses cut at max_new_tokens get no loss
     overlong_buffer: int = 0,  # DAPO soft overlong penalty over the last N tokens (0 = off)
@@ -533,6 +534,7 @@ def main(
     log_every: int = 1,  # print a metric line every N steps (metrics.jsonl gets every step)
 ):
     user_config = dict(locals())
+    cli.check_choices(main, user_config)  # a misspelt choice fails here, before any work
     t_start = time.time()
     G = group_size
     d = dist.init(seed=seed, timeout_s=timeout_s)
@@ -540,8 +542,6 @@ def main(
     size = SIZES.get(model.lower(), dict(micro_batch=32, tp=1))
     micro_batch = size["micro_batch"] if micro_batch < 0 else micro_batch
     tp = size["tp"] if tp < 0 else tp
-    if engine not in ("auto", "vllm", "hf"):
-        raise SystemExit(f"--engine {engine!r}: choose auto, vllm or hf")
     if engine == "auto":
         engine = "vllm" if d.device.type == "cuda" and importlib.util.find_spec("vllm") else "hf"
     if engine == "vllm" and d.world_size % tp:

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -30,7 +31,7 @@ from common.faults import crash_point, poison
 from common.files import check_output, write_json
 from common.generate import encode_sft
 from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
-from common.model import build_meta, flops_per_token, load_processor, resolve
+from common.model import Attn, Dtype, build_meta, flops_per_token, load_processor, resolve
 
 DATASETS = {"text": ["UCSC-VLAA/MedVLThinker-m23k-tokenized"],
             "image": ["UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized"]}
@@ -95,9 +96,9 @@ def token_loss(logp: torch.Tensor, n_global_tokens: int) -> torch.Tensor:
 def main(
     # Model
     model: str = "7b",  # preset (3b/7b/32b/72b), hub id or folder
-    dtype: str = "bf16",  # compute dtype (FSDP mixed precision; master weights and reductions stay fp32)
-    attn: str = "auto",  # auto = flash_attention_2 if installed on GPU, else sdpa
-    activation_checkpointing: str = "auto",  # auto = from the size table (on for 32b) | true | false
+    dtype: Dtype = "bf16",  # compute dtype (FSDP mixed precision; master weights and reductions stay fp32)
+    attn: Attn = "auto",  # auto = flash_attention_2 if installed on GPU, else sdpa
+    activation_checkpointing: bool | None = None,  # None/auto = from the size table (on for 32b and 72b)
     cpu_offload: bool = False,  # FSDP2 CPU offload of params/grads/optimizer state
     freeze_vision: bool = False,  # recipe trains everything
     trust_remote_code: bool = False,  # run code shipped with a hub model (off: our loaders need none)
@@ -108,7 +109,7 @@ def main(
     packing: bool = True,  # padding-free rows (False = padded reference mode)
     # Optimization (recipe §5.1)
     lr: float = 1e-5,  # recipe: 1e-5 peak
-    schedule: str = "cosine",  # cosine | constant
+    schedule: Literal["cosine", "constant"] = "cosine",  # LR after warmup (recipe: cosine)
     warmup_ratio: float = 0.05,  # share of the steps with linear warmup (recipe 0.05)
     beta1: float = 0.9,  # AdamW (recipe 0.9)
     beta2: float = 0.95,  # AdamW (recipe 0.95)
@@ -131,12 +132,13 @@ def main(
     log_every: int = 1,  # print a metric line every N steps (metrics.jsonl gets every step)
 ):
     user_config = dict(locals())
+    cli.check_choices(main, user_config)  # a misspelt choice fails here, before any work
     t_start = time.time()
     d = dist.init(seed=seed, timeout_s=timeout_s)
     speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
     size = SIZES.get(model.lower(), {})
-    ckpt_on = size.get("activation_checkpointing", False) if activation_checkpointing == "auto" \
-        else activation_checkpointing == "true"
+    ckpt_on = size.get("activation_checkpointing", False) if activation_checkpointing is None \
+        else activation_checkpointing
     out = out or os.path.join("outputs", "sft", f"{os.path.basename(resolve(model).rstrip('/'))}-{data.replace('/', '_')}")
     accum = batch_plan(global_batch, micro_batch, d.world_size)
     check_output(out)
