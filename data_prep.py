@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from common import cli, dist, grading, prompts, speed
-from common.data import RowError, bound_image, data_root, features, load_rows, parse_row, to_row
+from common.data import RowError, bound_image, data_root, features, load_rows, parse_row, to_row, undecoded
 from common.files import atomic_dir, iter_jsonl, read_jsonl, repair_tail, write_json, write_jsonl
 from common.sample_facts import FACTS
 
@@ -222,7 +222,7 @@ def pathvqa_rows(path):
     """PathVQA as parquet (image, question, answer): the yes/no questions are its CLOSED set."""
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=path, split="train")
+    ds = undecoded(datasets.load_dataset("parquet", data_files=path, split="train"))  # keep the image bytes
     out = []
     for i, r in enumerate(ds):
         if str(r["answer"]).strip().lower() in YES_NO:
@@ -234,7 +234,7 @@ def mmmu_rows(path):
     """MMMU parquet (health & medicine subsets): multiple-choice only; <image N> placeholders removed."""
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=path, split="train")
+    ds = undecoded(datasets.load_dataset("parquet", data_files=path, split="train"))  # keep the image bytes
     out = []
     for i, r in enumerate(ds):
         if r.get("question_type") != "multiple-choice":
@@ -296,7 +296,7 @@ def pmc_vqa_rows(csv_path, image_dir, name="pmc_vqa"):
 
 def unified_rows(source, split="test"):
     """Rows already in the unified schema (a hub dataset or a local copy): indices, read lazily by the workers."""
-    ds = load_rows(source, split)
+    ds = load_rows(source, split, decode_images=False)  # image bytes reach the writer undecoded (kept if unchanged)
     return data_root(source), [(i, i) for i in range(len(ds))], ds
 
 
@@ -777,7 +777,7 @@ def sft(
     flags = dict(locals())
     import datasets
 
-    ds = load_rows(data, split)
+    ds = load_rows(data, split, decode_images=False)
     found = {}
     if traces:
         records, bad = read_jsonl(traces)
