@@ -1,14 +1,21 @@
 """GRPO with verifiable rewards (RECIPE §4, §6): our own loop, FSDP2 actor, vLLM or HF rollouts, exact by construction.
 
-Which GRPO runs by default (verl @ 54b2677 as the recipe configured it):
+Which GRPO runs by default: the recipe's verl @ 54b2677 settings (RECIPE §6), except how the loss is averaged
+over micro-batches (the token-mean item below):
   * per step `train_batch` prompts (256) x `group_size` responses (8) at temperature 1.0, top_p 1.0, <= 4096 new tokens;
   * reward = strict_reward (format fullmatch x exact answer, common/grading.py), binary, no partial credit;
   * advantage = (r - group mean) / (group std + 1e-6), unbiased std, broadcast over the response's tokens;
   * PPO-clip surrogate, eps 0.2/0.2, dual-clip c = 3 for negative advantages, log-ratio clamped to +-20;
   * KL to the frozen reference in the loss: k3 ("low_var_kl", clamped to +-10), coefficient 0.01; no KL in reward;
-  * entropy coefficient 0; loss aggregated token-mean over the *global* mini-batch (exact across micro-batches
-    and ranks); mini_batch 128 prompts -> 2 optimizer updates per step, 1 PPO epoch; old log-probs are recomputed
-    only when more than one update uses the same rollouts (else ratio == 1 exactly);
+  * entropy coefficient 0; mini_batch 128 prompts -> 2 optimizer updates per step, 1 PPO epoch; old log-probs are
+    recomputed only when more than one update uses the same rollouts (else ratio == 1 exactly);
+  * token-mean: ONE token-mean over the whole mini-batch: the summed per-token loss of every response on every rank
+    divided by the mini-batch's loss-token count, exact under any micro-batch split and world size. This is NOT
+    what verl ran: its dp_actor (loss_agg_mode=token-mean) takes a token-mean inside each micro-batch, divides it by
+    the number of micro-batches, and FSDP averages over ranks, i.e. a mean of per-micro-batch token-means, where a
+    token weighs 1 / (loss tokens of its micro-batch) and the gradient depends on the layout (recipe: 32 responses
+    per micro-batch per GPU, 4 micro-batches, 8 GPUs). On one real batch the two gradients have cosine COSINE_TBD
+    (bench/grpo_loss_layout.py; README). No flag reproduces verl's layout-dependent mean;
   * AdamW lr 1e-6 constant, betas (0.9, 0.999), weight decay 0.01, grad clip 1.0; shuffled data, seed 1;
   * m23k: 5 epochs; PMC-VQA: 1 epoch.
 Deviation flags: --clip_high (DAPO clip-higher), --clip_c 0 (no dual clip), --kl_type k1|k2|k3, --kl_coef 0 (no
