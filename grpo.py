@@ -14,7 +14,7 @@ over micro-batches (the token-mean item below):
     what verl ran: its dp_actor (loss_agg_mode=token-mean) takes a token-mean inside each micro-batch, divides it by
     the number of micro-batches, and FSDP averages over ranks, i.e. a mean of per-micro-batch token-means, where a
     token weighs 1 / (loss tokens of its micro-batch) and the gradient depends on the layout (recipe: 32 responses
-    per micro-batch per GPU, 4 micro-batches, 8 GPUs). On one real batch the two gradients have cosine COSINE_TBD
+    per micro-batch per GPU, 4 micro-batches, 8 GPUs). On one real batch the two gradients have cosine 0.9999
     (bench/grpo_loss_layout.py; README). No flag reproduces verl's layout-dependent mean;
   * AdamW lr 1e-6 constant, betas (0.9, 0.999), weight decay 0.01, grad clip 1.0; shuffled data, seed 1;
   * m23k: 5 epochs; PMC-VQA: 1 epoch.

@@ -6,8 +6,9 @@ falls on the assistant tokens only (that text plus `<|im_end|>\\n`). Every optim
 upstream's: the mean over the global batch's samples of each sample's own token-mean NLL (`--loss_agg
 seq-mean-token-mean`; TRL with per-device batch 1 and gradient accumulation, RECIPE §5.1); `--loss_agg token-mean`
 gives one token-mean over the global batch instead. Either divisor is counted over the *global* batch, so the
-gradient does not depend on the micro-batch split or the number of ranks. Recipe defaults: lr 1e-5 cosine with 5 % warmup, AdamW (0.9, 0.95),
-weight decay 1e-4 (not on biases/norms, as HF Trainer), bf16, 5 epochs, a save per epoch (released = epoch 3).
+gradient does not depend on the micro-batch split or the number of ranks. Recipe defaults: lr 1e-5 cosine with 5 %
+warmup, AdamW (0.9, 0.95), weight decay 1e-4 (not on biases/norms, as HF Trainer), bf16, 5 epochs, a save per
+epoch (released = epoch 3).
 
     python sft.py --model <folder> --data data/sample/text --epochs 1            # one process, CPU or GPU
     torchrun --nproc_per_node 8 sft.py --model 7b --data text                    # the recipe's SFT(m23k)

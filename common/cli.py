@@ -8,8 +8,10 @@ dispatch.
 Choice flags are declared in the signature as `typing.Literal` (`engine: Literal["hf", "vllm"] = "hf"`); a value
 outside the set fails here with the allowed values listed. Python callers get the same check from
 `cli.check_choices(fn, locals())`, the first line of every command. A three-state switch is `bool | None` with
-None = auto (`--x auto` or `--x none` gives None; true/false/1/0/yes/no/on/off give the bool). `--help` lists every flag with its default and the comment on its line of the signature. A script copied
-elsewhere can replace `cli.run(main)` with `fire.Fire(main)`.
+None = auto (`--x auto` or `--x none` gives None; true/false/1/0/yes/no/on/off give the bool).
+
+`--help` lists every flag with its default, the comment on its line of the signature and any allowed values. A script
+copied elsewhere can replace `cli.run(main)` with `fire.Fire(main)`.
 """
 
 import inspect

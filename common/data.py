@@ -12,7 +12,8 @@ import unicodedata
 from dataclasses import dataclass, field
 
 from common.files import iter_jsonl
-from common.images import RowError, bound_image, load_image, safe_path, source_bytes, to_rgb  # noqa: F401  (one import place)
+from common.images import (  # noqa: F401  (one import place)
+    RowError, bound_image, load_image, safe_path, source_bytes, to_rgb)
 
 MAX_QUESTION_CHARS = 16_000  # far above any benchmark question; longer ones are garbage or attacks
 SCHEMA = ("images", "question", "options", "answer_label", "answer", "reasoning", "dataset_name", "dataset_index")

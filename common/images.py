@@ -87,8 +87,8 @@ def _transparent(img: Image.Image) -> bool:
 def normalise(img: Image.Image) -> Image.Image:
     """The image as people and upstream's loaders see it, in RGB: EXIF orientation applied (ImageOps.exif_transpose,
     as datasets' Image feature and transformers' load_image do), then alpha (RGBA, LA, P or RGB/L with a
-    transparency key) pasted on white with qwen-vl-utils' own to_rgb (upstream's eval loader, RECIPE §7; it handles
-    RGBA only, so the other transparent modes become RGBA first), else to_rgb below."""
+    transparency key) pasted on white with qwen-vl-utils' own to_rgb (upstream's eval and SFT image loader, RECIPE
+    §0 and §5.2; it handles RGBA only, so the other transparent modes become RGBA first), else to_rgb below."""
     if _turned(img):
         img = ImageOps.exif_transpose(img)
     if _transparent(img):

@@ -59,7 +59,8 @@ import evaluate  # noqa: E402
 import grpo  # noqa: E402
 import sft  # noqa: E402
 
-SCRIPTS = {"sft.py": sft.main, "grpo.py": grpo.main, "evaluate.py": evaluate.COMMANDS, "data_prep.py": data_prep.COMMANDS}
+SCRIPTS = {"sft.py": sft.main, "grpo.py": grpo.main, "evaluate.py": evaluate.COMMANDS,
+           "data_prep.py": data_prep.COMMANDS}
 COMMANDS = [(s, c, f) for s, t in SCRIPTS.items() for c, f in (t.items() if isinstance(t, dict) else [("", t)])]
 CHOICES = [(s, c, f, n, allowed) for s, c, f in COMMANDS for n, allowed in cli.choices(f).items()]
 # Flags whose comment lists alternatives but that take an open set (a preset OR a path / module:function).
@@ -87,7 +88,8 @@ def test_flags_that_list_alternatives_are_choices_or_open_sets():
                 assert (s, c, name) in OPEN | PENDING, f"{s} {c} --{name} lists choices but is not Literal: {comment}"
 
 
-@pytest.mark.parametrize("script,cmd,fn,name,allowed", CHOICES, ids=[f"{s}:{c or 'main'}:{n}" for s, c, _, n, _ in CHOICES])
+@pytest.mark.parametrize("script,cmd,fn,name,allowed", CHOICES,
+                         ids=[f"{s}:{c or 'main'}:{n}" for s, c, _, n, _ in CHOICES])
 def test_choice_flag_checked_before_work(script, cmd, fn, name, allowed, tmp_path, monkeypatch, capsys):
     assert inspect.signature(fn).parameters[name].default in allowed
     monkeypatch.chdir(tmp_path)  # if a check were missing, whatever ran would write here, not into the repo
