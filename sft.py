@@ -2,10 +2,13 @@
 
 The target is the recipe's assistant turn `<think> {reasoning} </think>\\n<answer> {label} </answer>` and the loss
 falls on the assistant tokens only (that text plus `<|im_end|>\\n`). Every optimizer step sees exactly
-`global_batch` samples (recipe: 16); each rank packs its micro-batches into padding-free rows, and the summed token
-loss is divided by the number of loss tokens in the *global* batch, so the gradient does not depend on the
-micro-batch split or the number of ranks. Recipe defaults: lr 1e-5 cosine with 5 % warmup, AdamW (0.9, 0.95),
-weight decay 1e-4 (not on biases/norms, as HF Trainer), bf16, 5 epochs, a save per epoch (released = epoch 3).
+`global_batch` samples (recipe: 16) and each rank packs its micro-batches into padding-free rows. The loss is
+upstream's: the mean over the global batch's samples of each sample's own token-mean NLL (`--loss_agg
+seq-mean-token-mean`; TRL with per-device batch 1 and gradient accumulation, RECIPE §5.1); `--loss_agg token-mean`
+gives one token-mean over the global batch instead. Either divisor is counted over the *global* batch, so the
+gradient does not depend on the micro-batch split or the number of ranks. Recipe defaults: lr 1e-5 cosine with 5 %
+warmup, AdamW (0.9, 0.95), weight decay 1e-4 (not on biases/norms, as HF Trainer), bf16, 5 epochs, a save per
+epoch (released = epoch 3).
 
     python sft.py --model <folder> --data data/sample/text --epochs 1            # one process, CPU or GPU
     torchrun --nproc_per_node 8 sft.py --model 7b --data text                    # the recipe's SFT(m23k)
@@ -20,6 +23,7 @@ import math
 import os
 import random
 import time
+from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -30,7 +34,7 @@ from common.faults import crash_point, poison
 from common.files import check_output, write_json
 from common.generate import encode_sft
 from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
-from common.model import build_meta, flops_per_token, load_processor, resolve
+from common.model import Attn, Dtype, build_meta, flops_per_token, load_processor, resolve
 
 DATASETS = {"text": ["UCSC-VLAA/MedVLThinker-m23k-tokenized"],
             "image": ["UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized"]}
@@ -84,9 +88,29 @@ def conversation_tokens(processor, tokenizer, item, prompt_tokens: int | None = 
     return full - prompts.prompt_tokens(processor, tokenizer, item) + prompt_tokens
 
 
-def token_loss(logp: torch.Tensor, n_global_tokens: int) -> torch.Tensor:
-    """Summed negative log-likelihood of this micro-batch's loss tokens over the global batch's loss-token count."""
-    return -logp.sum() / max(1, n_global_tokens)
+def loss_units(samples: list, loss_agg: str) -> int:
+    """What this rank's samples add to the loss's divisor: their loss tokens (token-mean) or their count
+    (seq-mean-token-mean). Summed over ranks, it is the divisor of sft_loss."""
+    return sum(int(s.target_mask.sum()) for s in samples) if loss_agg == "token-mean" else len(samples)
+
+
+def sft_loss(logp: torch.Tensor, spans: list, loss_agg: str, normaliser: int) -> torch.Tensor:
+    """This micro-batch's share of the global batch's loss; the shares summed over micro-batches and ranks are the loss.
+
+    logp (M,) is the log-probability of every loss token of the micro-batch, spans[i][0] = (start, end) of sample i's
+    tokens in it (forward.pack), normaliser = the global sum of loss_units.
+    - seq-mean-token-mean (default, upstream's): mean over the global batch's samples of each sample's own mean token
+      NLL. Upstream's TRL 0.15 run (RECIPE §5.1) had per-device batch 1 and gradient accumulation, and Qwen2.5-VL's
+      forward in transformers 4.51.3 takes a plain mean over the micro-batch's tokens, so each sample's token-mean
+      weighs 1/global_batch whatever its length.
+    - token-mean: the summed token NLL over the global batch's loss-token count; long traces weigh more.
+    Both are exact under any micro-batch split and world size, because the divisor is global."""
+    if loss_agg == "token-mean":
+        return -logp.sum() / max(1, normaliser)
+    if loss_agg == "seq-mean-token-mean":
+        means = [logp[a:b].sum() / max(1, b - a) for (a, b), *_ in spans]
+        return -torch.stack(means).sum() / max(1, normaliser)
+    raise ValueError(f"loss_agg {loss_agg!r}: use seq-mean-token-mean or token-mean")
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -95,9 +119,9 @@ def token_loss(logp: torch.Tensor, n_global_tokens: int) -> torch.Tensor:
 def main(
     # Model
     model: str = "7b",  # preset (3b/7b/32b/72b), hub id or folder
-    dtype: str = "bf16",  # compute dtype (FSDP mixed precision; master weights and reductions stay fp32)
-    attn: str = "auto",  # auto = flash_attention_2 if installed on GPU, else sdpa
-    activation_checkpointing: str = "auto",  # auto = from the size table (on for 32b) | true | false
+    dtype: Dtype = "bf16",  # compute dtype (FSDP mixed precision; master weights and reductions stay fp32)
+    attn: Attn = "auto",  # auto = flash_attention_2 if installed on GPU, else sdpa
+    activation_checkpointing: bool | None = None,  # None/auto = from the size table (on for 32b and 72b)
     cpu_offload: bool = False,  # FSDP2 CPU offload of params/grads/optimizer state
     freeze_vision: bool = False,  # recipe trains everything
     trust_remote_code: bool = False,  # run code shipped with a hub model (off: our loaders need none)
@@ -106,9 +130,10 @@ def main(
     split: str = "train",  # split of a hub dataset
     max_length: int = 32768,  # longer conversations are skipped and counted; recipe block_size 32768
     packing: bool = True,  # padding-free rows (False = padded reference mode)
+    loss_agg: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean",  # upstream's: see sft_loss
     # Optimization (recipe §5.1)
     lr: float = 1e-5,  # recipe: 1e-5 peak
-    schedule: str = "cosine",  # cosine | constant
+    schedule: Literal["cosine", "constant"] = "cosine",  # LR after warmup (recipe: cosine)
     warmup_ratio: float = 0.05,  # share of the steps with linear warmup (recipe 0.05)
     beta1: float = 0.9,  # AdamW (recipe 0.9)
     beta2: float = 0.95,  # AdamW (recipe 0.95)
@@ -131,12 +156,13 @@ def main(
     log_every: int = 1,  # print a metric line every N steps (metrics.jsonl gets every step)
 ):
     user_config = dict(locals())
+    cli.check_choices(main, user_config)  # a misspelt choice fails here, before any work
     t_start = time.time()
     d = dist.init(seed=seed, timeout_s=timeout_s)
     speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
     size = SIZES.get(model.lower(), {})
-    ckpt_on = size.get("activation_checkpointing", False) if activation_checkpointing == "auto" \
-        else activation_checkpointing == "true"
+    ckpt_on = size.get("activation_checkpointing", False) if activation_checkpointing is None \
+        else activation_checkpointing
     out = out or os.path.join("outputs", "sft", f"{os.path.basename(resolve(model).rstrip('/'))}-{data.replace('/', '_')}")
     accum = batch_plan(global_batch, micro_batch, d.world_size)
     check_output(out)
@@ -242,13 +268,14 @@ def main(
         if too_long:
             raise SystemExit(f"step {step}: a conversation of {too_long[0]} tokens exceeds max_length {max_length}")
         n_tok = int(dist.all_reduce_sum(sum(int(s.target_mask.sum()) for s in mine)))
+        normaliser = int(dist.all_reduce_sum(loss_units(mine, loss_agg)))  # global: exact under any split
         loss_sum, tokens = 0.0, sum(len(s.ids) for s in mine)
         for m in range(accum):
             micro = mine[m * micro_batch : (m + 1) * micro_batch]
             net.set_requires_gradient_sync(m == accum - 1)
             packed = forward.pack(micro, net, rows="packed" if packing else "padded").to(d.device)
             logp, _ = net.mvl_logprobs(packed)
-            loss = token_loss(logp, n_tok) * poison("sft_loss", step)
+            loss = sft_loss(logp, packed.spans, loss_agg, normaliser) * poison("sft_loss", step)
             loss.backward()
             loss_sum += float(loss.detach())
         norm = fsdp.clip_grad_norm_(params, grad_clip) * poison("sft_grad", step)

@@ -20,7 +20,8 @@ import unicodedata
 from dataclasses import dataclass, field
 
 from common.files import iter_jsonl
-from common.images import RowError, bound_image, load_image, safe_path, to_rgb  # noqa: F401  (one import place)
+from common.images import (  # noqa: F401  (one import place)
+    RowError, bound_image, load_image, safe_path, source_bytes, to_rgb)
 
 MAX_QUESTION_CHARS = 16_000  # far above any benchmark question; longer ones are garbage or attacks
 # `<|name|>` with a name of 3+ word characters: <|im_start|>, <|im_end|>, <|endoftext|>, <|vision_start|>,
@@ -79,11 +80,13 @@ class JsonlRows:
         return self
 
 
-def load_rows(source: str, split: str = "test"):
+def load_rows(source: str, split: str = "test", decode_images: bool = True):
     """Rows from a save_to_disk folder, parquet file/folder, jsonl file (line by line), json file, or a hub id.
-    A source that cannot be read at all stops the script with a message naming it."""
+    decode_images=False gives image cells as {'bytes', 'path'} (see undecoded). A source that cannot be read at all
+    stops the script with a message naming it."""
     try:
-        return _load_rows(source, split)
+        rows = _load_rows(source, split)
+        return rows if decode_images else undecoded(rows)
     except Exception as e:  # pyarrow/datasets/hub raise many types for unreadable files; anything else is a bug
         if not isinstance(e, (OSError, ValueError, ImportError)) and \
                 type(e).__module__.split(".")[0] not in ("pyarrow", "datasets", "huggingface_hub"):
@@ -111,6 +114,19 @@ def _load_rows(source: str, split: str):
     if source.startswith((".", "/")) or source.endswith((".parquet", ".jsonl", ".json")):
         raise FileNotFoundError(f"{source}: no such file or folder")
     return datasets.load_dataset(source, split=split)
+
+
+def undecoded(ds):
+    """`ds` with its Image and list-of-Image columns read as {'bytes', 'path'} (datasets' decode=False), so the file's
+    own bytes reach load_image and a writer can keep them (data_prep); other datasets are returned as they are."""
+    from datasets import Image as DImage
+
+    for name, feat in (getattr(ds, "features", None) or {}).items():
+        if isinstance(feat, DImage):
+            ds = ds.cast_column(name, DImage(decode=False))
+        elif isinstance(getattr(feat, "feature", None), DImage):
+            ds = ds.cast_column(name, type(feat)(DImage(decode=False)))
+    return ds
 
 
 def data_root(source: str) -> str | None:
@@ -216,8 +232,11 @@ def parse_row(row: dict, root: str | None = None, need_images: bool = True, cont
 
 
 def to_row(item: Item, keep_images: bool = True) -> dict:
-    """Item -> unified-schema row (options serialised with json.dumps(..., ensure_ascii=False))."""
-    return {"images": (item.images or None) if keep_images else None, "question": item.question,
+    """Item -> unified-schema row (options serialised with json.dumps(..., ensure_ascii=False)). An image that
+    load_image decoded from unchanged JPEG/PNG bytes is written as those bytes (no re-encode); the others (turned,
+    flattened, resized, drawn) as datasets encodes a PIL image: PNG, lossless."""
+    images = [{"bytes": source_bytes(im), "path": None} if source_bytes(im) else im for im in item.images]
+    return {"images": (images or None) if keep_images else None, "question": item.question,
             "options": json.dumps(item.options, ensure_ascii=False), "answer_label": item.answer_label,
             "answer": item.answer, "reasoning": item.reasoning, "dataset_name": item.dataset_name,
             "dataset_index": item.dataset_index,

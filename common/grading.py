@@ -26,6 +26,7 @@ replaced by str.find scans with the same match semantics.
 
 import re
 import unicodedata
+from typing import Literal
 
 _ANSWER_PHRASES = [re.compile(p, re.IGNORECASE) for p in (r"answer:\s*(.*)", r"answer is:\s*(.*)",
                                                            r"answer is\s*(.*)", r"is:\s*(.*)")]
@@ -137,6 +138,7 @@ def option_letter(pred: str, options: dict[str, str]) -> str | None:
     return None
 
 
+Grader = Literal["lenient", "inference", "strict"]  # the names of GRADERS, for choice flags
 GRADERS = {"lenient": lenient_correct, "inference": inference_correct,
            "strict": lambda response, answer, answer_label: strict_reward(response, answer, answer_label) == 1.0}
 """Every grader by name: response, answer, answer_label -> bool. evaluate.py's --grader and data_prep.py filter's

@@ -1,10 +1,17 @@
 """Images of the unified schema: decode any form (PIL, bytes, path inside the data folder) to RGB, refuse the
-broken and the dangerous with a reason, and bound sides as the recipe's training data does."""
+broken and the dangerous with a reason, and bound sides as the recipe's training data does.
+
+This is the one image-loading path: data_prep (sources, raw folders), evaluate, grpo and sft all reach it through
+common.data.parse_row. An image is shown as viewers, datasets' Image feature and transformers' load_image show it
+(EXIF orientation applied) and transparency is pasted on white (as qwen-vl-utils, upstream's eval loader, does for
+RGBA). When nothing but a lossless mode change (grey -> RGB) was needed, the file's own bytes travel with the image
+(source_bytes) so that data_prep writes them unchanged instead of re-encoding a JPEG with loss.
+"""
 
 import io
 import os
 
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 MAX_SIDE, MIN_SIDE = 1024, 28  # training image bounds (RECIPE §1.6)
 MAX_PIXELS_DECODE = 64_000_000  # refuse to decode anything larger (decompression bombs, 20000x20000 scans)
@@ -17,11 +24,14 @@ class RowError(ValueError):
 
 
 def load_image(value, root: str | None = None) -> Image.Image:
-    """PIL image from a PIL image, a datasets {'bytes','path'} dict, raw bytes, or a path inside `root`; RGB."""
+    """RGB PIL image from a PIL image, a datasets {'bytes','path'} dict, raw bytes, or a path inside `root`, with EXIF
+    orientation applied and transparency on white (normalise). When it was given as bytes or a path and needed no
+    change but grey -> RGB, source_bytes(returned image) is the file's bytes. Raises RowError saying why an image is
+    unusable (missing, empty, undecodable, truncated, too large or small, aspect ratio over 200)."""
+    data = None
     if isinstance(value, Image.Image):
         img = value
     else:
-        data = None
         if isinstance(value, dict):
             data, value = value.get("bytes"), value.get("path")
         if isinstance(value, (bytes, bytearray)):
@@ -51,13 +61,46 @@ def load_image(value, root: str | None = None) -> Image.Image:
         raise RowError(f"image aspect ratio over 200: {w}x{h}")
     try:
         img.load()
-        return to_rgb(img)
+        out = normalise(img)
     except Exception as e:
         raise RowError(f"image is truncated or corrupt ({type(e).__name__}: {e})") from None
+    if data is not None and img.format in ("JPEG", "PNG") and img.mode in ("RGB", "L") and out.size == img.size \
+            and not _turned(img) and not _transparent(img):
+        out.mvl_source_bytes = data  # an attribute, not .info: PIL copies .info into resized/converted images
+    return out
+
+
+def source_bytes(img: Image.Image) -> bytes | None:
+    """The JPEG/PNG file bytes `img` was decoded from by load_image, when they show exactly `img` (else None)."""
+    return getattr(img, "mvl_source_bytes", None)
+
+
+def _turned(img: Image.Image) -> bool:
+    """True when the EXIF Orientation tag asks for a flip or rotation (values 2-8; 1 or absent = as stored)."""
+    return img.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9)
+
+
+def _transparent(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def normalise(img: Image.Image) -> Image.Image:
+    """The image as people and upstream's loaders see it, in RGB: EXIF orientation applied (ImageOps.exif_transpose,
+    as datasets' Image feature and transformers' load_image do), then alpha (RGBA, LA, P or RGB/L with a
+    transparency key) pasted on white with qwen-vl-utils' own to_rgb (upstream's eval and SFT image loader, RECIPE
+    §0 and §5.2; it handles RGBA only, so the other transparent modes become RGBA first), else to_rgb below."""
+    if _turned(img):
+        img = ImageOps.exif_transpose(img)
+    if _transparent(img):
+        from qwen_vl_utils.vision_process import to_rgb as on_white  # imports torchvision: only when needed
+
+        return on_white(img.convert("RGBA"))
+    return to_rgb(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB for any mode: 16-bit grey is scaled to 8 bits (PIL's own convert clips it), CMYK/P/LA via convert."""
+    """RGB for any mode without transparency: 16-bit grey is scaled to 8 bits (PIL's own convert clips it), the rest
+    (L, CMYK, P, ...) via PIL's convert. Transparent images go through normalise."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         import numpy as np
 

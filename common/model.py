@@ -7,6 +7,7 @@ flag asks. Attention is flash_attention_2 when the package imports on a GPU, els
 
 import json
 import os
+from typing import Literal
 
 import torch
 
@@ -19,6 +20,10 @@ PRESETS = {
     "72b": "Qwen/Qwen2.5-VL-72B-Instruct",
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+# Choice-flag types shared by the scripts (common/cli.py checks Literal flags before any work).
+Dtype = Literal["bf16", "fp16", "fp32"]  # the keys of DTYPES
+# auto = flash_attention_2 on a GPU where it imports, else sdpa; the rest are transformers' built-in names
+Attn = Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 # What the reward and both graders read (RECIPE §4, §7.2). Some reasoning tokenizers register these as special tokens;
 # they must survive decoding all the same.

@@ -11,5 +11,5 @@ source run/_launch.sh
 DATA=${DATA:-text}
 "${LAUNCH[@]}" sft.py --model 32b --data "$DATA" \
   --lr 1e-5 --schedule cosine --warmup_ratio 0.05 --beta1 0.9 --beta2 0.95 --weight_decay 1e-4 --grad_clip 1.0 \
-  --global_batch 16 --micro_batch 1 --epochs 5 --max_length 32768 --dtype bf16 \
+  --global_batch 16 --micro_batch 1 --loss_agg seq-mean-token-mean --epochs 5 --max_length 32768 --dtype bf16 \
   --activation_checkpointing true --out "outputs/sft/32b-$DATA" "$@"

@@ -54,20 +54,22 @@ def _sft_samples(path, data, n):
     return [encode_sft(proc, tok, parse_row(rows[i])) for i in range(n)], proc, tok
 
 
-def sft_grad(path, data, micro, rows, out):
-    """Gradient of the SFT loss on the first 4 samples, split over ranks and micro-batches as asked; saved by rank 0."""
-    from sft import token_loss
+def sft_grad(path, data, micro, rows, out, loss_agg):
+    """Gradient of the SFT loss (sft.sft_loss with `loss_agg`) on the first 4 samples, split over ranks and
+    micro-batches as asked; saved by rank 0."""
+    from sft import loss_units, sft_loss
 
     d = dist.init(seed=0, timeout_s=120)
     model = _sharded(path, d)
     samples, _, _ = _sft_samples(path, data, 4)
     per = 4 // d.world_size
     mine = samples[d.rank * per : (d.rank + 1) * per]
-    n_tok = int(dist.all_reduce_sum(sum(int(s.target_mask.sum()) for s in mine)))
+    normaliser = int(dist.all_reduce_sum(loss_units(mine, loss_agg)))
     micro = int(micro)
     for m in range(0, per, micro):
-        lp, _ = model.mvl_logprobs(fw.pack(mine[m : m + micro], model, rows=rows))
-        token_loss(lp, n_tok).backward()
+        packed = fw.pack(mine[m : m + micro], model, rows=rows)
+        lp, _ = model.mvl_logprobs(packed)
+        sft_loss(lp, packed.spans, loss_agg, normaliser).backward()
     _save_grads(model, d, out)
 
 

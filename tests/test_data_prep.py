@@ -257,3 +257,57 @@ def test_sft_attaches_first_correct_trace(tmp_path, sample_data):
     row = next(r for r in ds if r["dataset_index"] == 8)
     assert row["reasoning"] == "new why"
     assert row["target"] == f"<think> new why </think>\n<answer> {row['answer_label']} </answer>"
+
+
+def test_decontaminate_reports_image_overlap_separately(tmp_path, sample_data):
+    """Issue 11 §5: an eval image under another question (a different question, or a paraphrase on identical pixels,
+    or a resized copy) is counted as image overlap, apart from question overlap, and kept unless asked."""
+    import datasets
+
+    ev = os.path.join(sample_data, "eval")
+    feats = load_rows(ev).remove_columns("prompt_tokens").features
+    rows = [{k: v for k, v in r.items() if k != "prompt_tokens"} for r in load_rows(ev)]
+    img_rows = [r for r in rows if r["images"]]
+    a, b, c = img_rows[0], img_rows[1], img_rows[2]
+    planted = [
+        {**a, "question": "Which region of this scan is brightest?"},  # same image, another question
+        {**b, "question": "In this image, can a lesion be seen?"},  # a paraphrase on identical pixels
+        {**c, "question": "Describe the scan.", "images": [c["images"][0].resize((224, 224))]},  # resized copy
+        {**a, "question": "Unrelated picture?", "images": [Image.effect_noise((112, 112), 80).convert("RGB")]},
+        dict(a),  # the same question and image: a question overlap, not counted twice
+    ]
+    train = datasets.concatenate_datasets([load_rows(os.path.join(sample_data, "text")).remove_columns("prompt_tokens"),
+                                           datasets.Dataset.from_list(planted, features=feats)])
+    train.to_parquet(str(tmp_path / "train.parquet"))
+    n = len(train)
+    dp.decontaminate(train=str(tmp_path / "train.parquet"), eval_data=ev, out=str(tmp_path / "report"))
+    m = manifest(tmp_path / "report")
+    assert m["flagged"] == 1 and m["per_benchmark"] == {"sample_image": 1}
+    ov = m["image_overlap"]
+    assert (ov["rows"], ov["exact"], ov["near"]) == (3, 2, 1) and ov["per_benchmark"] == {"sample_image": 3}
+    assert sorted(r["train_row"] for r in ov["listed"]) == [n - 5, n - 4, n - 3]
+    assert m["rows_out"] == n and not (tmp_path / "report" / "data.parquet").exists()  # report only
+    # --drop removes the question overlap and keeps the image-only rows (benchmarks' own splits share images)
+    dp.decontaminate(train=str(tmp_path / "train.parquet"), eval_data=ev, drop=True, out=str(tmp_path / "clean"))
+    kept = load_rows(str(tmp_path / "clean"))
+    assert len(kept) == n - 1 and "Which region of this scan is brightest?" in kept["question"]
+    # ... and --drop_image_overlap opts in to dropping them too
+    dp.decontaminate(train=str(tmp_path / "train.parquet"), eval_data=ev, drop=True, drop_image_overlap=True,
+                     out=str(tmp_path / "strict"))
+    assert len(load_rows(str(tmp_path / "strict"))) == n - 4 and manifest(tmp_path / "strict")["rows_out"] == n - 4
+
+
+@pytest.mark.parametrize("bits", [0, 2, 4, 7])
+def test_near_index_finds_exactly_the_hashes_within_the_distance(bits):
+    import random
+
+    rng = random.Random(bits)
+    stored = [rng.getrandbits(64) for _ in range(300)]
+    add, find = dp.near_index(bits)
+    for k, h in enumerate(stored):
+        add(h, k)
+    for _ in range(300):
+        h = rng.choice(stored) ^ sum(1 << i for i in rng.sample(range(64), rng.randint(0, bits + 2)))
+        want = [k for k, s in enumerate(stored) if bin(h ^ s).count("1") <= bits]
+        got = find(h)
+        assert (got is None) == (not want) and (got is None or got in want)

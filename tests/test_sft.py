@@ -2,6 +2,7 @@
 
     pytest -q tests/test_sft.py"""
 
+import inspect
 import json
 import math
 import os
@@ -71,21 +72,53 @@ def test_upfront_length_is_the_encoded_length(request, sample_data, fixture):
             assert sft.conversation_tokens(proc, tok, item, int((~seg.target_mask).sum())) == len(seg.ids)
 
 
-def _grads(tmp_path, tiny_vl, sample_data, nproc, micro, rows):
-    out = tmp_path / f"g{nproc}{micro}{rows}.pt"
+def _grads(tmp_path, tiny_vl, sample_data, nproc, micro, rows, loss_agg):
+    out = tmp_path / f"g{nproc}{micro}{rows}{loss_agg}.pt"
     torchrun("tests/fsdp_worker.py", "sft_grad", tiny_vl, os.path.join(sample_data, "image"), str(micro), rows,
-             str(out), nproc=nproc, timeout=300)
+             str(out), loss_agg, nproc=nproc, timeout=300)
     return torch.load(out, weights_only=True)
 
 
-def test_gradient_is_identical_across_splits_ranks_and_packing(tmp_path, tiny_vl, sample_data):
-    ref = _grads(tmp_path, tiny_vl, sample_data, 1, 4, "padded")
+@pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "token-mean"])
+def test_gradient_is_identical_across_splits_ranks_and_packing(tmp_path, tiny_vl, sample_data, loss_agg):
+    ref = _grads(tmp_path, tiny_vl, sample_data, 1, 4, "padded", loss_agg)
     for nproc, micro, rows in [(1, 1, "packed"), (1, 2, "packed"), (2, 1, "packed"), (2, 2, "padded")]:
-        got = _grads(tmp_path, tiny_vl, sample_data, nproc, micro, rows)
+        got = _grads(tmp_path, tiny_vl, sample_data, nproc, micro, rows, loss_agg)
         assert got.keys() == ref.keys()
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4, msg=f"{k} ({nproc}, {micro}, {rows})")
     assert any(float(g.abs().sum()) > 0 for k, g in ref.items() if "visual" in k)
+
+
+def test_default_loss_is_upstreams_mean_of_per_sample_token_means(tmp_path, tiny_vl, sample_data):
+    """sft.py's default gradient (2 ranks, 1 sample per micro-batch, packed) equals the gradient of the reference
+    formula computed plainly with transformers' own forward, one sample at a time: mean over the 4 samples of the
+    mean over that sample's target tokens of -log p (TRL 0.15, per-device batch 1 + grad accumulation, RECIPE §5.1)."""
+    from common.model import load_model
+
+    assert inspect.signature(sft.main).parameters["loss_agg"].default == "seq-mean-token-mean"
+    ours = _grads(tmp_path, tiny_vl, sample_data, 2, 1, "packed", "seq-mean-token-mean")
+    model = load_model(tiny_vl, dtype="fp32")
+    proc, tok = load_processor(tiny_vl)
+    rows = load_rows(os.path.join(sample_data, "image"))
+    samples = [encode_sft(proc, tok, parse_row(rows[i])) for i in range(4)]
+    per_sample = []
+    for s in samples:
+        # the modality map the processor returns in transformers 5 (without it mRoPE positions come out as text)
+        mm = (s.ids == model.config.image_token_id).int()[None]
+        logits = model(input_ids=s.ids[None], pixel_values=s.pixel_values, image_grid_thw=s.image_grid_thw,
+                       mm_token_type_ids=mm).logits[0]
+        nll = -torch.log_softmax(logits[:-1].float(), -1).gather(1, s.ids[1:, None])[:, 0]
+        per_sample.append(nll[s.target_mask[1:]].mean())
+    assert len({int(s.target_mask.sum()) for s in samples}) > 1  # lengths differ, so the two losses differ
+    torch.stack(per_sample).mean().backward()
+    ref = {n: p.grad for n, p in model.named_parameters()}
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], atol=1e-5, rtol=1e-4, msg=k)
+    # ... and the old global token-mean is a different gradient on this batch
+    other = _grads(tmp_path, tiny_vl, sample_data, 1, 4, "padded", "token-mean")
+    assert max(float((other[k] - ref[k]).abs().max()) for k in ref) > 1e-3
 
 
 def test_export_reloads_with_identical_logits(tmp_path, tiny_vl, sample_data):
