@@ -94,13 +94,14 @@ def test_flags_that_list_alternatives_are_choices_or_open_sets():
 def test_choice_flag_checked_before_work(script, cmd, fn, name, allowed, tmp_path, monkeypatch, capsys):
     assert inspect.signature(fn).parameters[name].default in allowed
     monkeypatch.chdir(tmp_path)  # if a check were missing, whatever ran would write here, not into the repo
+    # positional arguments (regrade FOLDER, compare A B) point at a folder that does not exist: no work can start
+    required = {p: str(tmp_path / "x") for p, v in inspect.signature(fn).parameters.items() if v.default is v.empty}
     # command line: exits before work, message lists every allowed value
     with pytest.raises(SystemExit) as e:
-        cli.run(SCRIPTS[script], ([cmd] if cmd else []) + [f"--{name}", BAD])
+        cli.run(SCRIPTS[script], ([cmd] if cmd else []) + list(required.values()) + [f"--{name}", BAD])
     msg = str(e.value.code)
     assert f"--{name} must be one of" in msg and BAD in msg and all(str(a) in msg for a in allowed if a is not None)
     # Python call: the same check is the command's first line
-    required = {p: str(tmp_path / "x") for p, v in inspect.signature(fn).parameters.items() if v.default is v.empty}
     with pytest.raises(ValueError, match=f"--{name} must be one of"):
         fn(**required, **{name: BAD})
     assert os.listdir(tmp_path) == []
