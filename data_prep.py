@@ -9,12 +9,12 @@ old folder or none, never half of one.
     python data_prep.py eval --out data/eval                       # UCSC-VLAA/MedVLThinker-Eval (hub or local copy)
     python data_prep.py eval --vqa_rad ../shared/data/real/vqa_rad --out data/eval_raw   # or from raw benchmark files
     python data_prep.py text --medqa medqa/train.jsonl --headqa headqa/train_HEAD_EN.json --out data/text
-    python data_prep.py pmc_vqa --csv PMC-VQA/train.csv --images PMC-VQA/images --out data/pmc_vqa
+    python data_prep.py pmc_vqa --csv_path PMC-VQA/train.csv --images PMC-VQA/images --out data/pmc_vqa
     torchrun --nproc_per_node 8 evaluate.py --model 3b --engine vllm --data data/text --runs 1 --samples 16 \
         --temperature 1.0 --out data/passrate                      # pass counts are an evaluation (RECIPE §2.1)
     python data_prep.py filter --data data/text --passrate data/passrate --out data/text_e2h   # keep 1..7 of 16
     python data_prep.py sft --data data/pmc_vqa --traces gpt4o_rollouts/items.jsonl --out data/pmc_vqa_sft
-    python data_prep.py decontaminate --train data/text --eval data/eval --drop true --out data/text_clean
+    python data_prep.py decontaminate --train data/text --eval_data data/eval --drop true --out data/text_clean
 
 Closed PathVQA/SLAKE/VQA-RAD questions become MCQs by rule (yes/no -> Yes/No; "X or Y" -> the alternatives named
 in the question); anything else is reported and skipped. Upstream asked GPT-4o instead: to reproduce the paper's
@@ -627,20 +627,23 @@ def pass_counts(path: str, grader: str = "inference") -> tuple[dict, int]:
     """{dataset_index: number of samples graded correct} and n (samples per item) from evaluate.py's items.jsonl.
 
     `path` is evaluate's output folder or its items.jsonl; every record is one sample, graded by every grader
-    (`correct_<grader>`). Records with an `error` (generation failed) count as not evaluated. Raises SystemExit when
-    the file is missing, has unreadable lines, lacks the grader's field, mixes sample counts, or holds one
-    dataset_index under two dataset_names (pass counts are keyed by dataset_index, RECIPE §2.2)."""
+    (`correct_<grader>`); items whose generation failed are in failed.jsonl, not here, and count as not evaluated.
+    Raises SystemExit when the file is missing, comes from a greedy run, has unreadable lines, lacks the grader's
+    field, mixes sample counts, or holds one dataset_index under two dataset_names (pass counts are keyed by
+    dataset_index, RECIPE §2.2)."""
     path = path if path.endswith(".jsonl") else os.path.join(path, "items.jsonl")
     if not os.path.exists(path):
         raise SystemExit(f"{path}: not found (run evaluate.py --runs 1 --samples 16 --temperature 1.0 --out ... first)")
+    config = os.path.join(os.path.dirname(path), "config.json")  # evaluate.py's flags for this folder
+    if os.path.exists(config) and json.load(open(config)).get("temperature", 1.0) == 0:
+        raise SystemExit(f"{path}: a greedy evaluation (temperature 0); pass counts need sampling (RECIPE §2.1: "
+                         "--runs 1 --samples 16 --temperature 1.0)")
     records, bad = read_jsonl(path)
     if bad:  # evaluate.py writes this file whole when it finishes: a bad line is damage, not a kill
         raise SystemExit(f"{path}: {len(bad)} unreadable line(s), e.g. {bad[0]}")
     field = "correct_" + grader
     counts, n, names = Counter(), Counter(), {}
     for k, r in enumerate(records):
-        if "error" in r:
-            continue
         if field not in r:
             raise SystemExit(f"{path} line {k + 1}: no {field!r} field (written by an older evaluate.py? run "
                              f"`evaluate.py regrade` on its folder)")
@@ -672,6 +675,9 @@ def filter_set(
     flags = dict(locals())
     cli.check_choices(filter_set, flags)
     counts, n = pass_counts(passrate, grader)
+    if max_pass >= n or min_pass > n:
+        print(f"note: pass counts are out of {n} samples; --min_pass {min_pass} --max_pass {max_pass} are counts "
+              f"(the recipe's 1..7 are of 16)")
     ds = load_rows(data)
     before = Counter(counts.get(i, -1) for i in ds["dataset_index"])
     ds = ds.map(lambda i: {"pass_count": counts.get(i, -1)}, input_columns="dataset_index")
@@ -827,6 +833,8 @@ def decontaminate(
           f"{' (dropped)' if drop_image_overlap else ' (kept; --drop_image_overlap true drops them)'}")
     if (drop or drop_image_overlap) and not out:
         raise SystemExit("--drop / --drop_image_overlap need --out")
+    if out and os.path.realpath(out) in (os.path.realpath(train), os.path.realpath(eval_data)):
+        raise SystemExit(f"--out {out} is an input folder: it would be replaced (give a new folder)")
     if out:
         bad = {f["train_row"] for f in (flagged if drop else []) + (image_rows if drop_image_overlap else [])}
         with atomic_dir(out) as tmp:
@@ -835,7 +843,8 @@ def decontaminate(
             write_json(os.path.join(tmp, "manifest.json"), {**report, "rows_out": len(tr) - len(bad)})
 
 
-COMMANDS = {"sample": sample, "eval": eval_set, "text": text, "pmc_vqa": pmc_vqa, "filter": filter_set, "sft": sft, "decontaminate": decontaminate}
+COMMANDS = {"sample": sample, "eval": eval_set, "text": text, "pmc_vqa": pmc_vqa, "filter": filter_set, "sft": sft,
+            "decontaminate": decontaminate}
 
 if __name__ == "__main__":
     cli.run(COMMANDS)

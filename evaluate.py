@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import cli, dist, grading, prompts, report, speed
-from common.data import RowError, data_root, load_rows, parse_row
+from common.data import RowError, data_root, load_image, load_rows, parse_row
 from common.faults import crash_point
 from common.files import atomic_file, check_output, read_jsonl, repair_tail, write_json, write_jsonl
 from common.generate import HFEngine, Prompt, generate_each, row_seed
@@ -66,14 +66,14 @@ def record_key(grader: str) -> str:
 
 def item_scores(records: list, grader: str = "lenient") -> dict:
     """{(benchmark, index): {run: [correct per sample]}} from per-sample records, under one grader
-    (grading.GRADERS). Records of failed generations (an `error` field) score 0. SystemExit if a record lacks
-    the grader's verdict (folders from older versions: `evaluate.py regrade` adds it)."""
+    (grading.GRADERS). SystemExit if a record lacks the grader's verdict (folders from older versions:
+    `evaluate.py regrade` adds it). Failed generations are not records (failed.jsonl)."""
     key = record_key(grader)
     out = defaultdict(lambda: defaultdict(list))
     for r in records:
-        if key not in r and "error" not in r:
+        if key not in r:
             raise SystemExit(f"record {r['dataset_name']} #{r['dataset_index']} has no {key!r}: regrade the folder")
-        out[(r["dataset_name"], r["dataset_index"])][r["run"]].append(float(r.get(key, 0)))
+        out[(r["dataset_name"], r["dataset_index"])][r["run"]].append(float(r[key]))
     return out
 
 
@@ -214,7 +214,8 @@ def read_records(folder: str) -> list:
     return [seen[k] for k in sorted(seen, key=lambda k: (bench_order(k[0]), k[1], k[2], k[3]))]
 
 
-def finish(folder: str, records: list, label: str, n_boot: int, extra: dict, grader: str = "lenient") -> dict:
+def finish(folder: str, records: list, label: str, n_boot: int, extra: dict, grader: str = "lenient",
+           page: bool = True) -> dict:
     summary = summarise(records, n_boot, grader=grader)
     summary.update(extra)
     write_json(os.path.join(folder, "summary.json"), summary)
@@ -224,8 +225,9 @@ def finish(folder: str, records: list, label: str, n_boot: int, extra: dict, gra
     plot(summary, os.path.join(folder, "accuracy.png"), label)
     # the browsable page; questions come from the records, images from thumbs.jsonl (written by main, read here so
     # that regrade shows them too without reading the data again)
-    report.write_eval(os.path.join(folder, "report.html"), records, summary, label, report.read_thumbs(folder),
-                      os.path.join(folder, "accuracy.png"))
+    if page:
+        report.write_eval(os.path.join(folder, "report.html"), records, summary, label, report.read_thumbs(folder),
+                          os.path.join(folder, "accuracy.png"))
     return summary
 
 
@@ -258,7 +260,8 @@ def main(
     out: str = "",  # result folder ('' = outputs/eval/<model name>)
     name: str = "",  # the model's label in tables and charts ('' = the model folder's name)
     n_boot: int = 1000,  # bootstrap resamples for the CIs
-    grader: grading.Grader = "lenient",  # the tables' grader: lenient (RECIPE §7.2 regrader) | inference (§2.1 pass counts) | strict
+    report_page: bool = True,  # report.html + thumbs.jsonl (false for pass-count runs: it embeds every response)
+    grader: grading.Grader = "lenient",  # tables: lenient (RECIPE §7.2 regrader) | inference (§2.1) | strict
 ):
     user_config = dict(locals())
     cli.check_choices(main, user_config)  # a misspelt choice fails here, before any work
@@ -277,7 +280,9 @@ def main(
     wanted = None if benchmarks == "all" else set(benchmarks.split(","))
     root = data_root(data)
     control = control_strings(tokenizer)  # the model's own special tokens may not appear in data text
-    items, rejects, per_bench = [], [], Counter()
+    # Items are kept without their decoded images (row index in extra["row"]); a batch decodes its own again
+    # (images_of), so memory holds one batch of images, not the whole set (pass counts run on 177k PMC-VQA images).
+    items, rejects, per_bench, thumbs = [], [], Counter(), []
     for i in range(len(rows)):
         try:
             row = rows[i]
@@ -294,6 +299,9 @@ def main(
             item = parse_row(row, root, control=control)
             if item.images and processor is None:
                 raise RowError("item has images but the model is text-only")
+            if report_page and d.is_main:
+                thumbs += report.thumb_records([item])
+            item.extra["row"], item.images = i, [None] * len(item.images)
             items.append(item)
         except RowError as e:
             rejects.append({"row": i, "dataset_name": bench, "dataset_index": row.get("dataset_index"), "reason": str(e)})
@@ -341,7 +349,7 @@ def main(
     t0, n_tokens = time.time(), 0
     with open(shard, "a") as f, open(fail_shard, "a") as fail:
         for run, batch in todo:
-            ps = [Prompt(prompts.prompt_text(processor, tokenizer, it), it.images) for it in batch]
+            ps = [Prompt(prompts.prompt_text(processor, tokenizer, it), images_of(rows, it, root)) for it in batch]
             seeds = [row_seed(seed * 1_000_003 + run, hash_key(it.dataset_name, it.dataset_index)) for it in batch]
             outs = generate_each(gen, ps, seeds, n=samples, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens)
@@ -378,7 +386,8 @@ def main(
         write_jsonl(os.path.join(out, "items.jsonl"), records)
         for p in glob.glob(os.path.join(out, "items.rank*.jsonl")):
             os.remove(p)
-        write_jsonl(os.path.join(out, "thumbs.jsonl"), report.thumb_records(items))  # images for report.html
+        if report_page:
+            write_jsonl(os.path.join(out, "thumbs.jsonl"), thumbs)  # images for report.html
         failed = merge_failures(out, records)
         n_gen = sum(len(b) for _, b in todo)
         summary = finish(out, records, name, n_boot, {
@@ -388,7 +397,7 @@ def main(
             "fail_reasons": dict(Counter(r["error"].split(":")[0] for r in failed)),
             "items_per_second": n_gen / elapsed if elapsed > 0 and n_gen else None,
             "generated_tokens_per_second": n_tokens / elapsed if elapsed > 0 and n_tokens else None,
-            "runs_copied_from_run0": copy_runs and runs > 1}, grader)
+            "runs_copied_from_run0": copy_runs and runs > 1}, grader, report_page)
         print(open(os.path.join(out, "results.md")).read(), end="")
         if summary["items_per_second"]:
             print(f"{n_gen} items in {elapsed:.1f}s ({summary['items_per_second']:.2f} items/s, "
@@ -397,7 +406,8 @@ def main(
             print(f"failed: {r['dataset_name']} #{r['dataset_index']} run {r['run']}: {r['error'][:200]}", flush=True)
         if failed:
             print(f"{len(failed)} item-run(s) failed at generation and are left out of the accuracies (failed.jsonl)")
-        print(f"wrote {out}/: items.jsonl summary.json results.md accuracy.png report.html rejects.jsonl failed.jsonl")
+        print(f"wrote {out}/: items.jsonl summary.json results.md accuracy.png"
+              + (" report.html" if report_page else "") + " rejects.jsonl failed.jsonl")
     dist.cleanup()
 
 
@@ -424,6 +434,13 @@ def merge_failures(folder: str, records: list) -> list:
         if os.path.basename(path) != "failed.jsonl":
             os.remove(path)
     return out
+
+
+def images_of(rows, item, root) -> list:
+    """The decoded images of a validated item, read again from its row (main keeps items without them)."""
+    if not item.images:
+        return []
+    return [load_image(v, root) for v in rows[item.extra["row"]].get("images") or []]
 
 
 def hash_key(name: str, index: int) -> int:
@@ -480,6 +497,7 @@ def compare(
                      np.mean([per(sb, k) for k in keys]), diff.mean(), lo, hi, float(np.mean(boots <= 0))))
     lo, hi, avg_boots = bootstrap(list(diffs_by_bench.values()), n_boot, rng)
     avg = np.mean([d.mean() for d in diffs_by_bench.values()])
+    print(f"accuracy by the {grader} grader")
     print("| benchmark | n | A | B | B-A | 95% CI | P(B-A<=0) |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:+.2f} | [{r[5]:+.2f}, {r[6]:+.2f}] | {r[7]:.3f} |")
@@ -490,7 +508,7 @@ def compare(
                       name=None))
     out = out or os.path.join(b, "compare.html")
     report.write_compare(out, os.path.basename(a.rstrip("/")), os.path.basename(b.rstrip("/")), table, ra, rb,
-                         {**report.read_thumbs(a), **report.read_thumbs(b)}, key=record_key(grader))
+                         {**report.read_thumbs(a), **report.read_thumbs(b)}, key=record_key(grader), grader=grader)
     print(f"wrote {out}")
 
 

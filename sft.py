@@ -34,7 +34,7 @@ from common.faults import crash_point, poison
 from common.files import check_output, write_json
 from common.generate import encode_sft
 from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
-from common.model import Attn, Dtype, build_meta, flops_per_token, load_processor, resolve
+from common.model import Attn, Dtype, build_meta, control_strings, flops_per_token, load_processor, resolve
 
 DATASETS = {"text": ["UCSC-VLAA/MedVLThinker-m23k-tokenized"],
             "image": ["UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized"]}
@@ -176,13 +176,14 @@ def main(
     sources = DATASETS.get(data, data.split(","))
     tables = [(src, load_rows(src, split)) for src in sources]
     processor, tokenizer = load_processor(model, trust_remote_code)
+    control = control_strings(tokenizer)  # the model's own special tokens may not appear in data text (issue 11 §3)
     index, skipped = [], {}
     for t, (src, ds) in enumerate(tables):
         cols = [c for c in ds.column_names if c != "images"]
         for i, row in enumerate(tqdm(ds.select_columns(cols), desc=f"check {src}", unit="row", disable=not d.is_main,
                                      dynamic_ncols=True)):
             try:
-                item = parse_row(row, need_images=False)
+                item = parse_row(row, need_images=False, control=control)
                 if not (item.reasoning or "").strip():
                     raise RowError("no reasoning trace")
                 if processor is None and "images" in ds.column_names and ds[i]["images"]:

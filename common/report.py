@@ -126,7 +126,8 @@ def write_eval(path: str, records: list, summary: dict, title: str, thumbs: dict
             index[item_key(r)] = len(items)
             items.append(item_entry(r, thumbs))
         rows.append({"k": index[item_key(r)], **sample_entry(r)})
-    graders = sorted({g for r in rows for g in r["v"]}, key=lambda g: (g != "correct", g))
+    main = "correct" if summary.get("grader", "lenient") == "lenient" else f"correct_{summary['grader']}"
+    graders = sorted({g for r in rows for g in r["v"]}, key=lambda g: (g != main, g != "correct", g))  # the run's first
     data = {"items": items, "recs": rows, "graders": graders, "benchmarks": list(dict.fromkeys(i["b"] for i in items)),
             "runs": sorted({r["run"] for r in rows})}
     render(path, "eval.html", title=title, summary=summary, chart=png_uri(chart) if chart else None, data=data)
@@ -154,7 +155,7 @@ def flips(records_a: list, records_b: list, key: str = "correct") -> list[dict]:
 
 
 def write_compare(path: str, label_a: str, label_b: str, table: list, records_a: list, records_b: list,
-                  thumbs: dict | None = None, key: str = "correct") -> None:
+                  thumbs: dict | None = None, key: str = "correct", grader: str = "lenient") -> None:
     """compare.html: the paired bootstrap `table` (dicts with benchmark, n, a, b, diff, lo, hi, p_le0; evaluate.py
     compare builds it) with flip counts, then the items whose verdict under `key` flipped, with A's and B's first
     response side by side."""
@@ -167,6 +168,7 @@ def write_compare(path: str, label_a: str, label_b: str, table: list, records_a:
     cards = [{**item_entry(f["b"][1], thumbs), "dir": f["dir"], "A": side(f["a"]), "B": side(f["b"])} for f in found]
     data = {"flips": cards, "labels": [label_a, label_b], "benchmarks": list(dict.fromkeys(c["b"] for c in cards))}
     render(path, "compare.html", title=f"{label_a} vs {label_b}", label_a=label_a, label_b=label_b, table=table,
+           grader=grader,
            count=count, data=data)
 
 

@@ -17,14 +17,16 @@ fi
 if [[ $STAGE == all || $STAGE == text ]]; then
   run python data_prep.py text --source UCSC-VLAA/MedVLThinker-m23k-tokenized --tokenizer "$PASS_MODEL" --out data/m23k
   run torchrun --standalone --nproc_per_node "$NGPU" evaluate.py --data data/m23k --model "$PASS_MODEL" --engine vllm \
-      --runs 1 --samples 16 --temperature 1.0 --max_new_tokens 4096 --batch_size 512 --out data/passrate_m23k_3b
+      --runs 1 --samples 16 --temperature 1.0 --max_new_tokens 4096 --batch_size 512 --report_page false \
+      --out data/passrate_m23k_3b
   run python data_prep.py filter --data data/m23k --passrate data/passrate_m23k_3b --min_pass 1 --max_pass 7 \
       --order easy_to_hard --out data/m23k_3b_e2h                             # ~16.5k rows
 fi
 if [[ $STAGE == all || $STAGE == image ]]; then
   run python data_prep.py pmc_vqa --source UCSC-VLAA/MedVLThinker-pmc_vqa --tokenizer "$PASS_MODEL" --out data/pmc_vqa
   run torchrun --standalone --nproc_per_node "$NGPU" evaluate.py --data data/pmc_vqa --model "$PASS_MODEL" --engine vllm \
-      --runs 1 --samples 16 --temperature 1.0 --max_new_tokens 4096 --batch_size 512 --out data/passrate_pmc_vqa_3b
+      --runs 1 --samples 16 --temperature 1.0 --max_new_tokens 4096 --batch_size 512 --report_page false \
+      --out data/passrate_pmc_vqa_3b
   run python data_prep.py filter --data data/pmc_vqa --passrate data/passrate_pmc_vqa_3b --min_pass 1 --max_pass 7 \
       --order easy_to_hard --out data/pmc_vqa_3b_e2h                          # ~115.5k rows
 fi

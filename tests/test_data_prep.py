@@ -214,6 +214,9 @@ def test_pass_counts_refuse_bad_input(tmp_path):
         dp.pass_counts(str(pr))
     with pytest.raises(SystemExit, match="not found"):
         dp.pass_counts(str(tmp_path / "nowhere"))
+    (pr / "config.json").write_text(json.dumps({"temperature": 0.0, "runs": 3}))  # a greedy eval is no pass count
+    with pytest.raises(SystemExit, match="greedy evaluation"):
+        dp.pass_counts(str(pr))
 
 
 @pytest.mark.slow
@@ -257,6 +260,14 @@ def test_sft_attaches_first_correct_trace(tmp_path, sample_data):
     row = next(r for r in ds if r["dataset_index"] == 8)
     assert row["reasoning"] == "new why"
     assert row["target"] == f"<think> new why </think>\n<answer> {row['answer_label']} </answer>"
+
+
+def test_decontaminate_refuses_to_replace_an_input_folder(tmp_path, sample_data):
+    text, ev = os.path.join(sample_data, "text"), os.path.join(sample_data, "eval")
+    before = sorted(os.listdir(text))
+    with pytest.raises(SystemExit, match="is an input folder"):
+        dp.decontaminate(train=text, eval_data=ev, out=text)
+    assert sorted(os.listdir(text)) == before
 
 
 def test_decontaminate_reports_image_overlap_separately(tmp_path, sample_data):

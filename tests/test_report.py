@@ -65,6 +65,18 @@ def write_eval(path, records, thumbs=None, title="synthetic") -> None:
 # Pure parts
 
 
+def test_pages_name_the_grader_their_numbers_come_from(tmp_path):
+    recs = eval_records(6)
+    summary = evaluate.summarise(recs, n_boot=20, grader="strict")
+    report.write_eval(str(tmp_path / "r.html"), recs, summary, "t")
+    page = (tmp_path / "r.html").read_text()
+    assert "accuracy is the strict grader's" in page and "lenient grader's (the paper's)" not in page
+    assert '"graders":["correct_strict",' in page  # the run's grader is the filter's first choice
+    report.write_compare(str(tmp_path / "c.html"), "A", "B", [], recs, recs, key="correct_inference",
+                         grader="inference")
+    assert "(inference grader, percentage points)" in (tmp_path / "c.html").read_text()
+
+
 @pytest.mark.parametrize("text,kinds", [
     ("<think>a</think><answer>B</answer>", ["think", "answer"]),
     ("<think>a</think>\n<answer>B</answer>\n", ["think", "text", "answer", "text"]),
