@@ -499,11 +499,15 @@ def log_rollout_groups(path: str, step: int, eps: list, n: int, src: str) -> Non
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def save(out: str, step: int, fresh: bool, net, opt, processor, tokenizer, user_config: dict, dtype: str, d) -> None:
-    """A DCP checkpoint (not rewritten for the step a run resumed from) and an HF export, then `final` -> it."""
+def save(out: str, step: int, fresh: bool, net, opt, processor, tokenizer, user_config: dict, dtype: str, d,
+         keep: int = -1) -> None:
+    """A DCP checkpoint (not rewritten for the step a run resumed from; only the newest `keep` stay, -1 = all) and an
+    HF export, then `final` -> it."""
     name = f"step_{step:06d}"
     if fresh:
         checkpoint.save(os.path.join(out, "ckpt"), step, net, opt, {"user_config": user_config})
+        if d.is_main:
+            checkpoint.prune(os.path.join(out, "ckpt"), keep, report=dist.print0)
     if fresh or not os.path.exists(os.path.join(out, name, "meta.json")):  # a kill may have cut the export
         checkpoint.export_hf(net, os.path.join(out, name), processor, tokenizer,
                              {"stage": "grpo", "step": step, "user_config": user_config, "git": git_sha()},
@@ -579,6 +583,7 @@ def main(
     val_before_train: bool = True,  # validate at step 0 too (recipe: true except 32B)
     val_max_new_tokens: int = 4096,  # greedy response cap for validation
     save_every: int = 50,  # steps; a DCP checkpoint and an HF folder each time (recipe save_freq 50)
+    keep_checkpoints: int = -1,  # newest resumable checkpoints in out/ckpt (-1 = all; recipe 32B: 2; HF folders stay)
     out: str = "",  # '' = outputs/grpo/<model>-<data>
     resume: str = "auto",  # auto | '' | a ckpt/step_N folder
     min_free_gb: float = -1,  # free space the output folder must have at start (-1 = estimate one checkpoint)
@@ -685,7 +690,8 @@ def main(
                              f"({int(v['val/items'])} items, {int(v['val/skipped'])} skipped, "
                              f"{int(v['val/failed'])} failed)")
         if step > 0 and (last_step or (save_every and step % save_every == 0)):
-            save(out, step, step != start_step, net, opt, processor, tokenizer, user_config, dtype, d)
+            save(out, step, step != start_step, net, opt, processor, tokenizer, user_config, dtype, d,
+                 keep_checkpoints)
         if last_step:
             break
         crash_point("grpo_step")

@@ -14,6 +14,7 @@ the recipe's prompt), same seeds. Each side is a fresh process, run one after th
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,18 +55,8 @@ def text_data(tmp: str, n: int) -> str:
     return sub
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--items", type=int, default=24)
-    ap.add_argument("--max_new_tokens", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--dtype", default="fp32")
-    ap.add_argument("--out", default=os.path.join(ROOT, ".cache", "bench_vllm_vs_hf.json"))
-    a = ap.parse_args()
-    from common.testmodels import convert_smollm2
-
-    model = convert_smollm2(os.path.join(ROOT, ".cache", "tests", "smollm2"))
-    tmp = tempfile.mkdtemp(prefix="vllm_vs_hf_")
+def measure(a, model: str, tmp: str) -> dict:
+    """Evaluate and GRPO-train with each engine under `tmp`; the timings as a dict."""
     data = text_data(tmp, a.items)
     res = {"model": "SmolLM2-135M-Instruct", "dtype": a.dtype, "items": a.items, "max_new_tokens": a.max_new_tokens,
            "cpu_threads": os.cpu_count()}
@@ -93,6 +84,27 @@ def main():
                                  "sync_s_median": statistics.median(r.get("time/sync", 0.0) for r in rows)}
     res["eval_items_per_s_vllm_over_hf"] = res["eval_vllm"]["items_per_s"] / res["eval_hf"]["items_per_s"]
     res["grpo_step_time_vllm_over_hf"] = res["grpo_vllm"]["s_per_step_median"] / res["grpo_hf"]["s_per_step_median"]
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--items", type=int, default=24)
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--out", default=os.path.join(ROOT, ".cache", "bench_vllm_vs_hf.json"))
+    a = ap.parse_args()
+    from common.testmodels import convert_smollm2
+
+    model = convert_smollm2(os.path.join(ROOT, ".cache", "tests", "smollm2"))
+    tmp = tempfile.mkdtemp(prefix="vllm_vs_hf_")  # ~3 GB of runs: removed on success, kept with its logs on failure
+    try:
+        res = measure(a, model, tmp)
+    except BaseException:
+        print(f"kept {tmp} for its logs", file=sys.stderr)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".tmp", "w") as f:
         json.dump(res, f, indent=1)

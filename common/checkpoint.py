@@ -76,6 +76,26 @@ def save(folder: str, step: int, model, optimizer, state: dict) -> str:
     return final
 
 
+def prune(folder: str, keep: int, report=print) -> list[str]:
+    """Delete all but the newest `keep` complete checkpoints under `folder` (keep < 1: delete none); return what went.
+
+    Call it on one rank after save() returned. Only folders that latest() would accept count, so an interrupted save
+    is never what keeps a run resumable. Source: verl's trainer.max_actor_ckpt_to_keep (RECIPE §6.2: the 32B run
+    keeps 2); without it a 32B run writes about 0.5 TB per checkpoint.
+    """
+    if keep < 1:
+        return []
+    complete = []
+    for path in glob.glob(os.path.join(folder, "step_*")):
+        if re.fullmatch(r"step_\d+", os.path.basename(path)) and os.path.exists(os.path.join(path, "COMPLETE")):
+            complete.append(path)
+    gone = sorted(complete)[:-keep]  # zero-padded names sort by step
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+        report(f"removed {path} (keeping the newest {keep})")
+    return gone
+
+
 def latest(folder: str, report=print) -> str | None:
     """Newest complete checkpoint under `folder`; incomplete or broken ones are reported and skipped."""
     found = []

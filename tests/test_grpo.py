@@ -198,7 +198,8 @@ def test_smollm2_sft_then_grpo_learns(tmp_path, smollm2, sample_data):
     text.select(range(8)).to_parquet(str(tmp_path / "rl" / "data.parquet"))
     run_py("sft.py", "--model", smollm2, "--data", str(tmp_path / "warm"), "--dtype", "fp32", "--global_batch", "8",
            "--micro_batch", "8", "--epochs", "2", "--lr", "1e-4", "--warmup_ratio", "0", "--out", str(tmp_path / "s"),
-           "--export_every_epoch", "false", timeout=900)
+           "--export_every_epoch", "false", "--keep_checkpoints", "1", timeout=900)
+    assert os.listdir(tmp_path / "s" / "ckpt") == ["step_000006"]  # epoch 1's was removed (--keep_checkpoints 1)
     sft_loss = [r["loss"] for r in _metrics(tmp_path / "s")]
     assert sum(sft_loss[3:]) / 3 < 0.6 * sum(sft_loss[:3]) / 3, sft_loss  # same 24 traces each epoch
     run_py("grpo.py", "--model", str(tmp_path / "s" / "final"), "--data", str(tmp_path / "rl"), "--engine", "hf",
