@@ -499,6 +499,14 @@ def log_rollout_groups(path: str, step: int, eps: list, n: int, src: str) -> Non
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
+def write_pages(out: str, title: str, metrics: list) -> None:
+    """curves.png and report.html (metrics + logged rollouts) in `out`, each written atomically; rank 0 calls it."""
+    plot_curves(metrics, ["reward", "acc", "format", "len_mean", "kl", "val/acc"], os.path.join(out, "curves.png"),
+                title)
+    report.write_grpo(os.path.join(out, "report.html"), title, metrics,
+                      report.read_rollouts(os.path.join(out, "rollouts.jsonl")), os.path.join(out, "curves.png"))
+
+
 def save(out: str, step: int, fresh: bool, net, opt, processor, tokenizer, user_config: dict, dtype: str, d,
          keep: int = -1) -> None:
     """A DCP checkpoint (not rewritten for the step a run resumed from; only the newest `keep` stay, -1 = all) and an
@@ -690,6 +698,8 @@ def main(
                              f"({int(v['val/items'])} items, {int(v['val/skipped'])} skipped, "
                              f"{int(v['val/failed'])} failed)")
         if step > 0 and (last_step or (save_every and step % save_every == 0)):
+            if d.is_main:  # before the checkpoint: a run killed after any save has its page up to that step
+                write_pages(out, f"grpo {model} on {data}", log.read())
             save(out, step, step != start_step, net, opt, processor, tokenizer, user_config, dtype, d,
                  keep_checkpoints)
         if last_step:
@@ -763,10 +773,6 @@ def main(
 
     # Final summary
     if d.is_main:
-        plot_curves(log.read(), ["reward", "acc", "format", "len_mean", "kl", "val/acc"],
-                    os.path.join(out, "curves.png"), f"grpo {model} on {data}")
-        report.write_grpo(os.path.join(out, "report.html"), f"grpo {model} on {data}", log.read(),
-                          report.read_rollouts(os.path.join(out, "rollouts.jsonl")), os.path.join(out, "curves.png"))
         print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; HF folder {os.path.join(out, 'final')}; "
               f"report {os.path.join(out, 'report.html')}", flush=True)
     log.finish()

@@ -117,8 +117,14 @@ def kill_trial(stage: str, fx: dict, work: str, ref_time: float, seed: int, refe
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
         killed = True
+    # grpo writes its page before each checkpoint: a run killed after a save has one (issue 13's leftover)
+    from common import checkpoint
+
+    saved = stage == "grpo" and checkpoint.latest(os.path.join(out, "ckpt"), report=lambda _: None) is not None
+    page = not saved or os.path.exists(os.path.join(out, "report.html"))
     sh(stage_args(stage, fx, out))  # resume (auto) or, for evaluate, pick up the remaining batches
-    return {"killed": killed, "delay": round(delay, 1), "exact": fingerprint(stage, out) == reference}
+    return {"killed": killed, "delay": round(delay, 1), "exact": fingerprint(stage, out) == reference,
+            "page_after_kill": page}
 
 
 def reference_run(stage: str, fx: dict, work: str):

@@ -28,7 +28,7 @@ def test_kill_at_random_moments_then_resume_is_exact(fx, stage):
     seed = random.Random().randrange(10**6)
     for k in range(2):
         r = faults.kill_trial(stage, f, work, ref_time, seed + k, ref)
-        assert r["exact"], (stage, r, seed + k)
+        assert r["exact"] and r["page_after_kill"], (stage, r, seed + k)
 
 
 def test_broken_checkpoints_are_skipped_and_reported(fx):
