@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import cli, dist, grading, prompts, report, speed
-from common.data import RowError, data_root, load_image, load_rows, parse_row
+from common.data import RowError, column, data_root, load_image, load_rows, parse_row
 from common.faults import crash_point
 from common.files import atomic_file, check_output, read_jsonl, repair_tail, write_json, write_jsonl
 from common.generate import HFEngine, Prompt, generate_each, row_seed
@@ -280,31 +280,38 @@ def main(
     wanted = None if benchmarks == "all" else set(benchmarks.split(","))
     root = data_root(data)
     control = control_strings(tokenizer)  # the model's own special tokens may not appear in data text
-    # Items are kept without their decoded images (row index in extra["row"]); a batch decodes its own again
-    # (images_of), so memory holds one batch of images, not the whole set (pass counts run on 177k PMC-VQA images).
-    items, rejects, per_bench, thumbs = [], [], Counter(), []
-    for i in range(len(rows)):
+    # Which rows: the benchmark filter and --limit read one column, no image. Each rank then reads and checks every
+    # world_size-th of them (decoding its images once, on one rank) and all ranks gather the result. Items are kept
+    # without their decoded images (row index in extra["row"]); a batch decodes its own again (images_of), so memory
+    # holds one batch of images, not the whole set (pass counts run on 177k PMC-VQA images).
+    picked, per_bench = [], Counter()
+    for i, bench in enumerate(column(rows, "dataset_name")):
+        if (wanted is None or bench in wanted) and (limit < 0 or per_bench[bench] < limit):
+            picked.append(i)
+            per_bench[bench] += 1
+    items, rejects, thumbs = [], [], []
+    for i in tqdm(picked[d.rank :: d.world_size], desc="check rows", unit="row", disable=not d.is_main,
+                  dynamic_ncols=True, mininterval=5):
         try:
             row = rows[i]
         except Exception as e:  # a cell that cannot even be decoded (e.g. corrupt image bytes)
             rejects.append({"row": i, "dataset_name": None, "dataset_index": None, "reason": f"unreadable row: {e}"})
             continue
-        bench = row.get("dataset_name")
-        if wanted is not None and bench not in wanted:
-            continue
-        if limit >= 0 and per_bench[bench] >= limit:
-            continue
-        per_bench[bench] += 1
         try:
             item = parse_row(row, root, control=control)
             if item.images and processor is None:
                 raise RowError("item has images but the model is text-only")
-            if report_page and d.is_main:
+            if report_page:
                 thumbs += report.thumb_records([item])
             item.extra["row"], item.images = i, [None] * len(item.images)
             items.append(item)
         except RowError as e:
-            rejects.append({"row": i, "dataset_name": bench, "dataset_index": row.get("dataset_index"), "reason": str(e)})
+            rejects.append({"row": i, "dataset_name": row.get("dataset_name"), "dataset_index": row.get("dataset_index"),
+                            "reason": str(e)})
+    parts = dist.all_gather_objects((items, rejects, thumbs))
+    items = sorted((it for p in parts for it in p[0]), key=lambda it: it.extra["row"])
+    rejects = sorted((r for p in parts for r in p[1]), key=lambda r: r["row"])
+    thumbs = [t for p in parts for t in p[2]]
     if d.is_main:
         write_jsonl(os.path.join(out, "rejects.jsonl"), rejects, ensure_ascii=True)  # raw fields of bad rows
         for r in rejects[:5]:

@@ -80,6 +80,16 @@ class JsonlRows:
         return self
 
 
+def column(rows, name: str) -> list:
+    """Column `name` of every row, read without decoding any row's images (None where a row lacks it or a .jsonl line
+    is unreadable): what selecting rows by benchmark needs, before the rows themselves are read."""
+    if isinstance(rows, JsonlRows):
+        return [r.get(name) if isinstance(r, dict) else None for r in rows.rows]
+    if name not in rows.column_names:
+        return [None] * len(rows)
+    return list(rows.select_columns([name])[name])
+
+
 def load_rows(source: str, split: str = "test", decode_images: bool = True):
     """Rows from a save_to_disk folder, parquet file/folder, jsonl file (line by line), json file, or a hub id.
     decode_images=False gives image cells as {'bytes', 'path'} (see undecoded). A source that cannot be read at all

@@ -159,6 +159,9 @@ def test_kill_and_resume_samples_and_learns_identically(tmp_path, tiny_vl, toy_i
     kill_at = random.Random().randint(2, 8)
     p = run_py(*args, "--out", str(tmp_path / "b"), env={"MEDVL_CRASH": f"grpo_step:{kill_at}"}, check=False)
     assert p.returncode == 137
+    from common.checkpoint import latest  # the page is written before each save: a killed run has one iff it saved
+    saved = latest(str(tmp_path / "b" / "ckpt"), report=lambda _: None)
+    assert (tmp_path / "b" / "report.html").exists() == (saved is not None), (kill_at, saved)
     run_py(*args, "--out", str(tmp_path / "b"))
     keys = ["reward", "pg_loss", "kl", "grad_norm", "len_mean"]
     a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
