@@ -591,7 +591,7 @@ def main(
     val_before_train: bool = True,  # validate at step 0 too (recipe: true except 32B)
     val_max_new_tokens: int = 4096,  # greedy response cap for validation
     save_every: int = 50,  # steps; a DCP checkpoint and an HF folder each time (recipe save_freq 50)
-    keep_checkpoints: int = -1,  # newest resumable checkpoints in out/ckpt (-1 = all; recipe 32B: 2; HF folders stay)
+    keep_checkpoints: int = -1,  # newest resumable checkpoints in out/ckpt (< 1 = all; recipe 32B: 2; HF folders stay)
     out: str = "",  # '' = outputs/grpo/<model>-<data>
     resume: str = "auto",  # auto | '' | a ckpt/step_N folder
     min_free_gb: float = -1,  # free space the output folder must have at start (-1 = estimate one checkpoint)

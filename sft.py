@@ -149,7 +149,7 @@ def main(
     out: str = "",  # '' = outputs/sft/<model>-<data>
     save_every: int = 0,  # extra resumable checkpoints every N steps (0 = epoch ends only)
     export_every_epoch: bool = True,  # HF folder out/epoch_E at each epoch end
-    keep_checkpoints: int = -1,  # newest resumable checkpoints kept in out/ckpt (-1 = all; HF folders always stay)
+    keep_checkpoints: int = -1,  # newest resumable checkpoints kept in out/ckpt (< 1 = all; HF folders always stay)
     resume: str = "auto",  # auto = newest complete checkpoint in out/ckpt | '' = start fresh | a step_N folder
     min_free_gb: float = -1,  # free space the output folder must have at start (-1 = estimate one checkpoint)
     timeout_s: float = 1800,  # collective timeout: a rank that dies stops the others instead of hanging them

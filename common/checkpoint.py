@@ -77,7 +77,7 @@ def save(folder: str, step: int, model, optimizer, state: dict) -> str:
 
 
 def prune(folder: str, keep: int, report=print) -> list[str]:
-    """Delete all but the newest `keep` complete checkpoints under `folder` (keep < 1: delete none); return what went.
+    """Delete all but the newest `keep` complete checkpoints under `folder` (keep < 1: none, as verl); return them.
 
     Call it on one rank after save() returned. Only folders that latest() would accept count, so an interrupted save
     is never what keeps a run resumable. Source: verl's trainer.max_actor_ckpt_to_keep (RECIPE §6.2: the 32B run
@@ -89,7 +89,7 @@ def prune(folder: str, keep: int, report=print) -> list[str]:
     for path in glob.glob(os.path.join(folder, "step_*")):
         if re.fullmatch(r"step_\d+", os.path.basename(path)) and os.path.exists(os.path.join(path, "COMPLETE")):
             complete.append(path)
-    gone = sorted(complete)[:-keep]  # zero-padded names sort by step
+    gone = sorted(complete, key=lambda p: int(os.path.basename(p)[5:]))[:-keep]
     for path in gone:
         shutil.rmtree(path, ignore_errors=True)
         report(f"removed {path} (keeping the newest {keep})")

@@ -70,18 +70,18 @@ def test_adversarial_rewards_are_zero_and_fast():
 
 def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     """--keep_checkpoints: only complete step_N folders count and go, oldest first; an interrupted save (step_N.tmp,
-    no COMPLETE) is neither kept in their place nor deleted, and -1 keeps everything."""
+    no COMPLETE) is neither kept in their place nor deleted, and -1 or 0 keeps everything (as verl)."""
     from common.checkpoint import prune
 
-    for name in ("step_000001", "step_000002", "step_000010", "step_000020", "step_000030.tmp", "step_000040"):
+    for name in ("step_1000000", "step_000002", "step_000010", "step_000020", "step_000030.tmp", "step_000040"):
         os.makedirs(tmp_path / name)
         if name not in ("step_000030.tmp", "step_000040"):
             open(tmp_path / name / "COMPLETE", "w").close()
     said = []
-    assert prune(str(tmp_path), -1, report=said.append) == [] and len(os.listdir(tmp_path)) == 6
-    gone = prune(str(tmp_path), 2, report=said.append)
-    assert [os.path.basename(p) for p in gone] == ["step_000001", "step_000002"] and len(said) == 2
-    assert sorted(os.listdir(tmp_path)) == ["step_000010", "step_000020", "step_000030.tmp", "step_000040"]
+    assert prune(str(tmp_path), -1, report=said.append) == prune(str(tmp_path), 0) == [] and len(os.listdir(tmp_path)) == 6
+    gone = prune(str(tmp_path), 2, report=said.append)  # by step number, not by name: step 1000000 is the newest
+    assert [os.path.basename(p) for p in gone] == ["step_000002", "step_000010"] and len(said) == 2
+    assert sorted(os.listdir(tmp_path)) == ["step_000020", "step_000030.tmp", "step_000040", "step_1000000"]
 
 
 def test_unsafe_checkpoint_index_is_refused(tmp_path):
