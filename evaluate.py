@@ -284,25 +284,27 @@ def main(
     # world_size-th of them (decoding its images once, on one rank) and all ranks gather the result. Items are kept
     # without their decoded images (row index in extra["row"]); a batch decodes its own again (images_of), so memory
     # holds one batch of images, not the whole set (pass counts run on 177k PMC-VQA images).
+    # A row whose name is unknown (a broken .jsonl line, none, not a string) is always checked, so it is reported.
+    names = [b if isinstance(b, str) else None for b in column(rows, "dataset_name")]
     picked, per_bench = [], Counter()
-    for i, bench in enumerate(column(rows, "dataset_name")):
-        if (wanted is None or bench in wanted) and (limit < 0 or per_bench[bench] < limit):
+    for i, bench in enumerate(names):
+        if bench is None or (wanted is None or bench in wanted) and (limit < 0 or per_bench[bench] < limit):
             picked.append(i)
-            per_bench[bench] += 1
+            per_bench[bench] += bench is not None
     items, rejects, thumbs = [], [], []
     for i in tqdm(picked[d.rank :: d.world_size], desc="check rows", unit="row", disable=not d.is_main,
                   dynamic_ncols=True, mininterval=5):
         try:
             row = rows[i]
         except Exception as e:  # a cell that cannot even be decoded (e.g. corrupt image bytes)
-            rejects.append({"row": i, "dataset_name": None, "dataset_index": None, "reason": f"unreadable row: {e}"})
+            rejects.append({"row": i, "dataset_name": names[i], "dataset_index": None, "reason": f"unreadable row: {e}"})
             continue
         try:
             item = parse_row(row, root, control=control)
             if item.images and processor is None:
                 raise RowError("item has images but the model is text-only")
             if report_page:
-                thumbs += report.thumb_records([item])
+                thumbs += [(i, t) for t in report.thumb_records([item])]
             item.extra["row"], item.images = i, [None] * len(item.images)
             items.append(item)
         except RowError as e:
@@ -311,7 +313,7 @@ def main(
     parts = dist.all_gather_objects((items, rejects, thumbs))
     items = sorted((it for p in parts for it in p[0]), key=lambda it: it.extra["row"])
     rejects = sorted((r for p in parts for r in p[1]), key=lambda r: r["row"])
-    thumbs = [t for p in parts for t in p[2]]
+    thumbs = [t for _, t in sorted((t for p in parts for t in p[2]), key=lambda x: x[0])]  # row order, as 1 rank
     if d.is_main:
         write_jsonl(os.path.join(out, "rejects.jsonl"), rejects, ensure_ascii=True)  # raw fields of bad rows
         for r in rejects[:5]:

@@ -513,9 +513,9 @@ def save(out: str, step: int, fresh: bool, net, opt, processor, tokenizer, user_
     HF export, then `final` -> it."""
     name = f"step_{step:06d}"
     if fresh:
-        checkpoint.save(os.path.join(out, "ckpt"), step, net, opt, {"user_config": user_config})
+        saved = checkpoint.save(os.path.join(out, "ckpt"), step, net, opt, {"user_config": user_config})
         if d.is_main:
-            checkpoint.prune(os.path.join(out, "ckpt"), keep, report=dist.print0)
+            checkpoint.prune(os.path.join(out, "ckpt"), keep, saved, report=dist.print0)
     if fresh or not os.path.exists(os.path.join(out, name, "meta.json")):  # a kill may have cut the export
         checkpoint.export_hf(net, os.path.join(out, name), processor, tokenizer,
                              {"stage": "grpo", "step": step, "user_config": user_config, "git": git_sha()},
@@ -773,7 +773,9 @@ def main(
 
     # Final summary
     if d.is_main:
-        print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; HF folder {os.path.join(out, 'final')}; "
+        write_pages(out, f"grpo {model} on {data}", log.read())  # also for --max_steps 0 (no save)
+        hf = f"HF folder {os.path.join(out, 'final')}" if step > 0 else "no step, no HF folder"
+        print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; {hf}; "
               f"report {os.path.join(out, 'report.html')}", flush=True)
     log.finish()
     if engine == "vllm":

@@ -245,10 +245,10 @@ def main(
         fresh = step != start_step  # the checkpoint we resumed from is not written again
         if step > 0 and (epoch_end or last_step or (save_every and step % save_every == 0)):
             if fresh:
-                checkpoint.save(os.path.join(out, "ckpt"), step, net, opt, {"epoch": step / steps_per_epoch,
-                                                                            "user_config": user_config})
+                saved = checkpoint.save(os.path.join(out, "ckpt"), step, net, opt, {"epoch": step / steps_per_epoch,
+                                                                                    "user_config": user_config})
                 if d.is_main:
-                    checkpoint.prune(os.path.join(out, "ckpt"), keep_checkpoints, report=dist.print0)
+                    checkpoint.prune(os.path.join(out, "ckpt"), keep_checkpoints, saved, report=dist.print0)
             name = f"epoch_{step // steps_per_epoch}" if epoch_end else f"step_{step:06d}"
             if ((epoch_end and export_every_epoch) or last_step) and (
                     fresh or not os.path.exists(os.path.join(out, name, "meta.json"))):

@@ -76,28 +76,9 @@ def save(folder: str, step: int, model, optimizer, state: dict) -> str:
     return final
 
 
-def prune(folder: str, keep: int, report=print) -> list[str]:
-    """Delete all but the newest `keep` complete checkpoints under `folder` (keep < 1: none, as verl); return them.
-
-    Call it on one rank after save() returned. Only folders that latest() would accept count, so an interrupted save
-    is never what keeps a run resumable. Source: verl's trainer.max_actor_ckpt_to_keep (RECIPE §6.2: the 32B run
-    keeps 2); without it a 32B run writes about 0.5 TB per checkpoint.
-    """
-    if keep < 1:
-        return []
-    complete = []
-    for path in glob.glob(os.path.join(folder, "step_*")):
-        if re.fullmatch(r"step_\d+", os.path.basename(path)) and os.path.exists(os.path.join(path, "COMPLETE")):
-            complete.append(path)
-    gone = sorted(complete, key=lambda p: int(os.path.basename(p)[5:]))[:-keep]
-    for path in gone:
-        shutil.rmtree(path, ignore_errors=True)
-        report(f"removed {path} (keeping the newest {keep})")
-    return gone
-
-
-def latest(folder: str, report=print) -> str | None:
-    """Newest complete checkpoint under `folder`; incomplete or broken ones are reported and skipped."""
+def complete(folder: str, report=print) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint under `folder`, oldest first. Incomplete or broken ones (no rename,
+    no COMPLETE marker, unreadable state.json, a file missing or of the wrong size) are reported and left out."""
     found = []
     for path in glob.glob(os.path.join(folder, "step_*")):
         name = os.path.basename(path)
@@ -120,7 +101,37 @@ def latest(folder: str, report=print) -> str | None:
             report(f"ignoring {path}: {len(bad)} file(s) missing or of the wrong size, e.g. {bad[0]}")
             continue
         found.append((step, path))
-    return max(found)[1] if found else None
+    return sorted(found)
+
+
+def latest(folder: str, report=print) -> str | None:
+    """Newest complete checkpoint under `folder` (see complete()); None when there is none."""
+    found = complete(folder, report)
+    return found[-1][1] if found else None
+
+
+def prune(folder: str, keep: int, current: str, report=print) -> list[str]:
+    """Keep the checkpoint just saved (`current`, a path save() returned) and the newest `keep` - 1 complete ones
+    before it; delete the older complete ones and return their paths. keep < 1 deletes none (as verl).
+
+    Call it on one rank after save() returned. Only checkpoints complete() accepts count, so a broken one never
+    takes a good one's place, and none with a later step than `current` is touched (an earlier run's, in this out
+    folder). Source: verl's trainer.max_actor_ckpt_to_keep (RECIPE §6.2: the 32B run keeps 2); a 32B checkpoint
+    (fp32 weights + two AdamW moments) is about 0.5 TB.
+    """
+    if keep < 1:
+        return []
+    found = complete(folder, report=lambda _: None)
+    steps = {os.path.realpath(p): n for n, p in found}
+    now = steps.get(os.path.realpath(current))
+    if now is None:
+        raise ValueError(f"prune: {current} is not a complete checkpoint under {folder}")
+    older = [p for n, p in found if n < now]
+    gone = older[: max(len(older) - (keep - 1), 0)]
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+        report(f"removed {path} (keeping the newest {keep})")
+    return gone
 
 
 def load(path: str, model, optimizer) -> dict:

@@ -21,7 +21,7 @@ export MEDVL_REQUIRE_BROWSER=1
 # The tests save real checkpoints (SmolLM2-135M: ~1.7 GB each, up to ~4.3 GB at once in one test, measured) under the
 # temp folder. Too little room fails here, with the reason, instead of as a refused save twenty minutes in.
 need_gb=${MEDVL_TEST_FREE_GB:-6}
-read -r tmp free_gb < <(.venv/bin/python -c 'import shutil, tempfile; t = tempfile.gettempdir(); print(t, shutil.disk_usage(t).free / 2**30)')
+read -r free_gb tmp < <(.venv/bin/python -c 'import shutil, tempfile; t = tempfile.gettempdir(); print(shutil.disk_usage(t).free / 2**30, t)')
 if ! awk -v f="$free_gb" -v n="$need_gb" 'BEGIN { exit !(f >= n) }'; then
   printf 'run/test.sh: %s has %.1f GiB free; the tests need about %s GiB there (free some, or set TMPDIR)\n' "$tmp" "$free_gb" "$need_gb" >&2
   exit 1

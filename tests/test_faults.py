@@ -4,9 +4,11 @@ folders.
 
     pytest -q tests/test_faults.py          (python bench/faults.py runs >= 10 kill trials per stage)"""
 
+import json
 import os
 import pickle
 import random
+import shutil
 
 import pytest
 
@@ -68,21 +70,41 @@ def test_adversarial_rewards_are_zero_and_fast():
     assert r["zero"] == r["adversarial"] and r["max_ms_1mb"] < 2000, r
 
 
-def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
-    """--keep_checkpoints: only complete step_N folders count and go, oldest first; an interrupted save (step_N.tmp,
-    no COMPLETE) is neither kept in their place nor deleted, and -1 or 0 keeps everything (as verl)."""
-    from common.checkpoint import prune
+def test_prune_keeps_the_new_checkpoint_and_the_newest_good_ones_before_it(tmp_path):
+    """--keep_checkpoints N keeps the checkpoint just saved and the N - 1 newest complete ones before it, ordered by
+    step (step 1000000 after 999999, not by name). Broken ones (an interrupted save, no COMPLETE, no state.json, a
+    truncated shard) neither count nor go, and one from a later step (an earlier run's) is never touched; < 1 keeps
+    all. Found by a fresh-clone trial: counting by name let a broken or stale newer folder delete the new one."""
+    from common.checkpoint import latest, prune
 
-    for name in ("step_1000000", "step_000002", "step_000010", "step_000020", "step_000030.tmp", "step_000040"):
-        os.makedirs(tmp_path / name)
-        if name not in ("step_000030.tmp", "step_000040"):
-            open(tmp_path / name / "COMPLETE", "w").close()
+    def ckpt(step, broken=None):
+        path = tmp_path / f"step_{step:06d}"
+        os.makedirs(path)
+        (path / "shard").write_bytes(b"abc")
+        if broken != "no state":
+            (path / "state.json").write_text(json.dumps({"step": step, "files": {"shard": 3}}))
+        if broken != "no COMPLETE":
+            (path / "COMPLETE").write_text("")
+        if broken == "truncated":
+            (path / "shard").write_bytes(b"a")
+        return str(path)
+
+    for n in (2, 4, 999999):
+        ckpt(n)
+    ckpt(6, "no state"), ckpt(7, "truncated"), ckpt(8, "no COMPLETE"), os.makedirs(tmp_path / "step_000009.tmp")
+    new = ckpt(1000000)
+    assert prune(str(tmp_path), -1, new) == prune(str(tmp_path), 0, new) == []
     said = []
-    assert prune(str(tmp_path), -1, report=said.append) == prune(str(tmp_path), 0) == []
-    assert len(os.listdir(tmp_path)) == 6
-    gone = prune(str(tmp_path), 2, report=said.append)  # by step number, not by name: step 1000000 is the newest
-    assert [os.path.basename(p) for p in gone] == ["step_000002", "step_000010"] and len(said) == 2
-    assert sorted(os.listdir(tmp_path)) == ["step_000020", "step_000030.tmp", "step_000040", "step_1000000"]
+    gone = prune(str(tmp_path), 2, new, report=said.append)
+    assert [os.path.basename(p) for p in gone] == ["step_000002", "step_000004"] and len(said) == 2
+    assert latest(str(tmp_path)) == new and os.path.exists(tmp_path / "step_999999")
+    # a run restarted in the same folder saves step 5: the later steps are not its to judge
+    shutil.rmtree(tmp_path / "step_999999")
+    five = ckpt(5)
+    assert prune(str(tmp_path), 1, five) == [] and sorted(os.listdir(tmp_path)) == [
+        "step_000005", "step_000006", "step_000007", "step_000008", "step_000009.tmp", "step_1000000"]
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        prune(str(tmp_path), 1, str(tmp_path / "step_000007"))
 
 
 def test_unsafe_checkpoint_index_is_refused(tmp_path):

@@ -170,6 +170,16 @@ def test_kill_and_resume_samples_and_learns_identically(tmp_path, tiny_vl, toy_i
         (tmp_path / "b" / "final" / "model.safetensors").read_bytes()
 
 
+def test_zero_steps_still_validates_and_writes_its_page(tmp_path, tiny_vl, toy_images, vqa_rad_eval):
+    """--max_steps 0 (a baseline validation of the initial policy): no checkpoint, no HF folder, but the page and
+    curves are written (they were only written at saves for a while: a fresh-clone trial caught it)."""
+    p = run_py("grpo.py", "--model", tiny_vl, "--data", toy_images, *TOY, "--max_steps", "0", "--val_data",
+               vqa_rad_eval, "--val_limit", "2", "--val_max_new_tokens", "2", "--out", str(tmp_path / "z"))
+    assert "no step, no HF folder" in p.stdout
+    assert (tmp_path / "z" / "report.html").exists() and (tmp_path / "z" / "curves.png").exists()
+    assert not (tmp_path / "z" / "ckpt").exists() and not (tmp_path / "z" / "final").exists()
+
+
 def test_two_ranks_run_and_validate(tmp_path, tiny_vl, toy_images, vqa_rad_eval):
     torchrun("grpo.py", "--model", tiny_vl, "--data", toy_images, *TOY, "--max_steps", "2", "--mini_batch", "8",
              "--kl_coef", "0.01", "--val_data", vqa_rad_eval, "--val_limit", "6", "--val_every", "2",
