@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections import Counter, defaultdict
 from typing import Literal
@@ -297,7 +298,9 @@ def main(
         try:
             row = rows[i]
         except Exception as e:  # a cell that cannot even be decoded (e.g. corrupt image bytes)
-            rejects.append({"row": i, "dataset_name": names[i], "dataset_index": None, "reason": f"unreadable row: {e}"})
+            reason = re.sub(r" object at 0x[0-9a-f]+", " object", str(e))  # PIL names a buffer by its address
+            rejects.append({"row": i, "dataset_name": names[i], "dataset_index": None,
+                            "reason": f"unreadable row: {reason}"})
             continue
         try:
             item = parse_row(row, root, control=control)

@@ -175,6 +175,33 @@ def test_two_ranks_check_each_row_once_and_agree_with_one(tmp_path, tiny_vl_tags
     assert len((two / "thumbs.jsonl").read_text().splitlines()) == 3
 
 
+def test_undecodable_embedded_image_is_rejected_with_a_stable_reason(tmp_path, tiny_vl_tags):
+    """A parquet row whose embedded image bytes are not an image fails when the row is read: it is rejected under its
+    benchmark's name, and the reason is the same in every run (PIL's message named the buffer's memory address)."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from common.data import features
+
+    buf = io.BytesIO()
+    Image.new("RGB", (56, 56), (9, 9, 9)).save(buf, format="PNG")
+    rows = [{"images": [{"bytes": b, "path": None}], "question": "Which side?", "options": json.dumps({"A": "L", "B": "R"}),
+             "answer_label": "A", "answer": "L", "reasoning": None, "dataset_name": "toy", "dataset_index": i,
+             "hash": str(i), "misc": None} for i, b in enumerate([buf.getvalue(), b"not an image"])]
+    data = str(tmp_path / "rows.parquet")
+    datasets.Dataset.from_list(rows, features=features()).to_parquet(data)
+    reasons = []
+    for k in range(2):
+        run_py("evaluate.py", "--model", tiny_vl_tags, "--data", data, "--dtype", "fp32", "--max_new_tokens", "4",
+               "--runs", "1", "--out", str(tmp_path / f"ev{k}"))
+        (rej,) = [json.loads(x) for x in open(tmp_path / f"ev{k}" / "rejects.jsonl")]
+        assert rej["row"] == 1 and rej["dataset_name"] == "toy" and rej["reason"].startswith("unreadable row"), rej
+        reasons.append(rej["reason"])
+    assert reasons[0] == reasons[1] and " at 0x" not in reasons[0], reasons
+
+
 def test_failed_items_are_merged_counted_once_and_cleared_by_a_resume(tmp_path):
     """Issue 11 §3 bookkeeping: the ranks' failure records merge into failed.jsonl, one per (benchmark, index, run);
     an item that a resumed run then generated is no longer listed."""
