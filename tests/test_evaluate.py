@@ -188,7 +188,8 @@ def test_undecodable_embedded_image_is_rejected_with_a_stable_reason(tmp_path, t
     buf = io.BytesIO()
     Image.new("RGB", (56, 56), (9, 9, 9)).save(buf, format="PNG")
     rows = [{"images": [{"bytes": b, "path": None}], "question": "Which side?",
-             "options": json.dumps({"A": "L", "B": "R"}), "answer_label": "A", "answer": "L", "reasoning": None, "dataset_name": "toy", "dataset_index": i,
+             "options": json.dumps({"A": "L", "B": "R"}), "answer_label": "A", "answer": "L", "reasoning": None,
+             "dataset_name": "toy", "dataset_index": i,
              "hash": str(i), "misc": None} for i, b in enumerate([buf.getvalue(), b"not an image"])]
     data = str(tmp_path / "rows.parquet")
     datasets.Dataset.from_list(rows, features=features()).to_parquet(data)
