@@ -509,8 +509,8 @@ def write_pages(out: str, title: str, metrics: list) -> None:
 
 def save(out: str, step: int, fresh: bool, net, opt, processor, tokenizer, user_config: dict, dtype: str, d,
          keep: int = -1) -> None:
-    """A DCP checkpoint (not rewritten for the step a run resumed from; only the newest `keep` stay, -1 = all) and an
-    HF export, then `final` -> it."""
+    """A DCP checkpoint (not rewritten for the step a run resumed from; only the newest `keep` stay, < 1 = all) and
+    an HF export, then `final` -> it."""
     name = f"step_{step:06d}"
     if fresh:
         saved = checkpoint.save(os.path.join(out, "ckpt"), step, net, opt, {"user_config": user_config})
@@ -773,7 +773,8 @@ def main(
 
     # Final summary
     if d.is_main:
-        write_pages(out, f"grpo {model} on {data}", log.read())  # also for --max_steps 0 (no save)
+        if step == 0:  # --max_steps 0: no save wrote them
+            write_pages(out, f"grpo {model} on {data}", log.read())
         hf = f"HF folder {os.path.join(out, 'final')}" if step > 0 else "no step, no HF folder"
         print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; {hf}; "
               f"report {os.path.join(out, 'report.html')}", flush=True)
