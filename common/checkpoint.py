@@ -117,7 +117,7 @@ def prune(folder: str, keep: int, current: str, report=print) -> list[str]:
     Call it on one rank after save() returned. Only checkpoints complete() accepts count, so a broken one never
     takes a good one's place, and none with a later step than `current` is touched (an earlier run's, in this out
     folder). Source: verl's trainer.max_actor_ckpt_to_keep (RECIPE §6.2: the 32B run keeps 2); a 32B checkpoint
-    (fp32 weights + two AdamW moments) is about 0.5 TB.
+    (fp32 weights + two AdamW moments, 12 bytes a parameter) is about 0.4 TB.
     """
     if keep < 1:
         return []
