@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
 from collections import Counter, defaultdict
 from typing import Literal
@@ -32,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import cli, dist, grading, prompts, report, speed
-from common.data import RowError, column, data_root, load_image, load_rows, parse_row
+from common.data import RowError, column, data_root, load_image, load_rows, parse_row, read_row
 from common.faults import crash_point
 from common.files import atomic_file, check_output, read_jsonl, repair_tail, write_json, write_jsonl
 from common.generate import HFEngine, Prompt, generate_each, row_seed
@@ -295,14 +294,9 @@ def main(
     items, rejects, thumbs = [], [], []
     for i in tqdm(picked[d.rank :: d.world_size], desc="check rows", unit="row", disable=not d.is_main,
                   dynamic_ncols=True, mininterval=5):
+        row = {}
         try:
-            row = rows[i]
-        except Exception as e:  # a cell that cannot even be decoded (e.g. corrupt image bytes)
-            reason = re.sub(r" object at 0x[0-9a-f]+", " object", str(e))  # PIL names a buffer by its address
-            rejects.append({"row": i, "dataset_name": names[i], "dataset_index": None,
-                            "reason": f"unreadable row: {reason}"})
-            continue
-        try:
+            row = read_row(rows, i)
             item = parse_row(row, root, control=control)
             if item.images and processor is None:
                 raise RowError("item has images but the model is text-only")
@@ -311,8 +305,8 @@ def main(
             item.extra["row"], item.images = i, [None] * len(item.images)
             items.append(item)
         except RowError as e:
-            rejects.append({"row": i, "dataset_name": row.get("dataset_name"), "dataset_index": row.get("dataset_index"),
-                            "reason": str(e)})
+            index = row.get("dataset_index") if isinstance(row, dict) else None
+            rejects.append({"row": i, "dataset_name": names[i], "dataset_index": index, "reason": str(e)})
     parts = dist.all_gather_objects((items, rejects, thumbs))
     items = sorted((it for p in parts for it in p[0]), key=lambda it: it.extra["row"])
     rejects = sorted((r for p in parts for r in p[1]), key=lambda r: r["row"])
@@ -486,7 +480,7 @@ def compare(
     b: str,  # result folder of the model compared with it
     n_boot: int = 2000,  # paired bootstrap resamples
     seed: int = 0,  # bootstrap seed
-    grader: grading.Grader = "lenient",  # lenient (RECIPE §7.2 regrader) | inference | strict: the table's and the flips'
+    grader: grading.Grader = "lenient",  # the table's and the flips' (lenient = RECIPE §7.2 regrader)
     out: str = "",  # the page of flipped items ('' = <b>/compare.html)
 ):
     """Paired bootstrap of accuracy(b) - accuracy(a) per benchmark and on Avg., over the items both evaluated; the

@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 
 from common import checkpoint, cli, dist, forward, fsdp, grading, prompts, report, speed
-from common.data import RowError, data_root, load_rows, parse_row
+from common.data import RowError, data_root, load_rows, parse_row, read_row
 from common.faults import crash_point, poison
 from common.files import check_output, repair_tail, write_json
 from common.generate import HFEngine, Prompt, encode, row_seed
@@ -266,13 +266,7 @@ def usable_rows(rows, max_prompt_length: int, processor, tokenizer, root: str | 
     usable, skipped = [], Counter()
     for i in range(d.rank, len(rows), d.world_size):
         try:
-            try:
-                row = rows[i]
-            except RowError:
-                raise
-            except Exception as e:  # a cell that cannot be decoded (datasets raises many types)
-                raise RowError(f"unreadable row ({type(e).__name__})") from None
-            item = parse_row(row, root, control=control)
+            item = parse_row(read_row(rows, i), root, control=control)
             if item.images and processor is None:
                 raise RowError("has images but the model is text-only")
             n = prompts.prompt_tokens(processor, tokenizer, item)

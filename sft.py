@@ -271,8 +271,8 @@ def main(
         too_long = [len(s.ids) for s in mine if len(s.ids) > max_length]
         if too_long:
             raise SystemExit(f"step {step}: a conversation of {too_long[0]} tokens exceeds max_length {max_length}")
-        n_tok = int(dist.all_reduce_sum(sum(int(s.target_mask.sum()) for s in mine)))
-        normaliser = int(dist.all_reduce_sum(loss_units(mine, loss_agg)))  # global: exact under any split
+        n_tok, normaliser = map(int, dist.all_reduce_many([sum(int(s.target_mask.sum()) for s in mine),
+                                                          loss_units(mine, loss_agg)]))  # global: exact under any split
         loss_sum, tokens = 0.0, sum(len(s.ids) for s in mine)
         for m in range(accum):
             micro = mine[m * micro_batch : (m + 1) * micro_batch]

@@ -11,9 +11,9 @@ Qwen/ChatML family, Llama-3's and Phi's), so data_prep rejects them before any t
 have the model's tokenizer also pass its own special-token texts (common.model.control_strings) as `control`.
 """
 
+import functools
 import hashlib
 import json
-import functools
 import os
 import re
 import unicodedata
@@ -88,6 +88,16 @@ def column(rows, name: str) -> list:
     if name not in rows.column_names:
         return [None] * len(rows)
     return list(rows.select_columns([name])[name])
+
+
+def read_row(rows, i: int) -> dict:
+    """rows[i], or RowError("unreadable row: ...") when it cannot be read at all: a .jsonl line that is not a JSON
+    object, image bytes that datasets/PIL cannot decode (they raise many types). The reason holds no memory address
+    (PIL names a buffer by one), so a run's rejects are the same every time."""
+    try:
+        return rows[i]
+    except Exception as e:
+        raise RowError("unreadable row: " + re.sub(r" object at 0x[0-9a-f]+", " object", str(e))) from None
 
 
 def load_rows(source: str, split: str = "test", decode_images: bool = True):

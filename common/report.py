@@ -168,8 +168,7 @@ def write_compare(path: str, label_a: str, label_b: str, table: list, records_a:
     cards = [{**item_entry(f["b"][1], thumbs), "dir": f["dir"], "A": side(f["a"]), "B": side(f["b"])} for f in found]
     data = {"flips": cards, "labels": [label_a, label_b], "benchmarks": list(dict.fromkeys(c["b"] for c in cards))}
     render(path, "compare.html", title=f"{label_a} vs {label_b}", label_a=label_a, label_b=label_b, table=table,
-           grader=grader,
-           count=count, data=data)
+           grader=grader, count=count, data=data)
 
 
 def read_rollouts(path: str) -> list[dict]:

@@ -14,6 +14,7 @@ import os
 import torch
 
 from common.files import atomic_dir
+from common.model import FORMAT_TAGS
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -46,8 +47,6 @@ _CORPUS = [
 ]
 
 
-# The format tags as special tokens, as several reasoning tokenizers register them (issue 11 §1)
-FORMAT_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 # The same chat format with a reasoning prefill at the end of the generation prompt
 PREFILL_TEMPLATE = CHAT_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}",
                                         "<|im_start|>assistant\n<think>\n{% endif %}")
@@ -73,7 +72,7 @@ def build_tokenizer(vocab_size: int = 512, special_tags: bool = False, chat_temp
     tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     if special_tags:
-        tok.add_tokens(FORMAT_TAGS, special_tokens=True)
+        tok.add_tokens(list(FORMAT_TAGS), special_tokens=True)  # as several reasoning tokenizers do
     tok.chat_template = chat_template
     return tok
 
