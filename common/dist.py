@@ -126,12 +126,13 @@ def all_reduce_many(values: list, max_: bool = False) -> list[float]:
     return t.tolist()
 
 
-def all_gather_objects(obj) -> list:
-    """Every rank's python object, in rank order (small things only: metadata, counters, records)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's python object, in rank order (small things only: metadata, counters, records); with `group`
+    (a torch.distributed subgroup) only that group's ranks take part and receive its members' objects."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 

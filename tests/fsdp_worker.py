@@ -152,8 +152,32 @@ def grpo_grad(path, micro_groups, loss_agg, out):
     _save_grads(model, d, out)
 
 
+def tp_feed(out):
+    """What each rank receives when a vLLM tensor-parallel group (tp 2 of 4 ranks) gathers its prompts: counts of
+    prompts and images per sending rank, written to out/tp_feed.rank{r}.json (no vLLM: the gather is ours)."""
+    import json
+
+    from common.vllm_engine import gather_group, tp_groups, tp_subgroup
+
+    d = dist.init(seed=0, timeout_s=120)
+    tp = 2
+    dp_size, dp_rank = tp_groups(tp, d.world_size, d.rank)
+    group = tp_subgroup(tp, d.world_size, d.rank)
+    mine = [G.Prompt(f"rank {d.rank} prompt {k}", [Image.new("RGB", (8, 8), (d.rank * 60, k, 0))])
+            for k in range(d.rank + 1)]  # uneven: rank r has r + 1 prompts, one image each
+    got, seeds, start = gather_group(mine, [100 * d.rank + k for k in range(len(mine))], group)
+    senders = [int(p.text.split()[1]) for p in got]
+    rec = {"dp_size": dp_size, "dp_rank": dp_rank, "senders": senders, "images": sum(len(p.images) for p in got),
+           "seeds": seeds, "start": start, "own": [p.text for p in got[start : start + len(mine)]],
+           "own_expected": [p.text for p in mine]}
+    with open(os.path.join(out, f"tp_feed.rank{d.rank}.json"), "w") as f:
+        json.dump(rec, f)
+    dist.cleanup()
+
+
 if __name__ == "__main__":
-    {"generate": generate, "sft_grad": sft_grad, "export": export, "grpo_grad": grpo_grad}[sys.argv[1]](*sys.argv[2:])
+    {"generate": generate, "sft_grad": sft_grad, "export": export, "grpo_grad": grpo_grad,
+     "tp_feed": tp_feed}[sys.argv[1]](*sys.argv[2:])
     # The work is done and flushed. Leave without C++ static destructors: in CI one rank once aborted there, after both
     # had printed OK (`terminate called without an active exception`, torch 2.14 + gloo). The scripts' own exit is
     # tested by the script tests; this worker only measures gradients.

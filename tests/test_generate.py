@@ -2,6 +2,7 @@
 
     pytest -q tests/test_generate.py"""
 
+import pytest
 import torch
 from PIL import Image
 
@@ -141,3 +142,28 @@ def test_one_bad_prompt_costs_only_itself(tiny_vl):
     assert isinstance(got[1], Exception) and not any(isinstance(g, Exception) for g in got[:1] + got[2:])
     alone = eng.generate(good, seeds=[1, 3, 4], **sampling)
     assert [[s.token_ids for s in g] for g in got[:1] + got[2:]] == [[s.token_ids for s in g] for g in alone]
+
+
+def test_tensor_parallel_groups_exchange_prompts_only_within_themselves(tmp_path):
+    """Issue 20 item 11: with --tp 2 on 4 ranks, each rank receives the prompts (and PIL images) of its own group's
+    2 ranks, not every rank's (before: an all-gather over the world, 10 prompts and images on every rank), and finds
+    its own back at `start`. gloo, no vLLM: the gather is common/vllm_engine.py's."""
+    import json
+
+    torchrun("tests/fsdp_worker.py", "tp_feed", str(tmp_path), nproc=4, timeout=300)
+    for r in range(4):
+        rec = json.load(open(tmp_path / f"tp_feed.rank{r}.json"))
+        peers = [r - r % 2, r - r % 2 + 1]
+        assert rec["dp_size"] == 2 and rec["dp_rank"] == r // 2
+        assert rec["senders"] == [p for p in peers for _ in range(p + 1)], rec  # only the group's ranks, in order
+        assert rec["images"] == sum(p + 1 for p in peers) < 10
+        assert rec["seeds"] == [100 * p + k for p in peers for k in range(p + 1)]
+        assert rec["own"] == rec["own_expected"] and rec["start"] == (0 if r % 2 == 0 else r)
+
+
+def test_tp_must_divide_the_ranks():
+    from common.vllm_engine import tp_groups
+
+    assert tp_groups(2, 8, 5) == (4, 2) and tp_groups(1, 3, 2) == (3, 2)
+    with pytest.raises(SystemExit, match="--tp 3 must divide the 4 ranks"):
+        tp_groups(3, 4, 0)
