@@ -32,7 +32,6 @@ resumed run samples the same responses.
 """
 
 import importlib
-import importlib.util
 import inspect
 import json
 import math
@@ -49,7 +48,7 @@ from common import checkpoint, cli, dist, forward, fsdp, grading, prompts, repor
 from common.data import RowError, data_root, load_rows, parse_row, read_row
 from common.faults import crash_point, poison
 from common.files import check_output, repair_tail, write_json
-from common.generate import HFEngine, Prompt, encode, row_seed
+from common.generate import HFEngine, Prompt, encode, pick_engine, row_seed
 from common.vllm_engine import VLLMEngine
 from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
 from common.model import Attn, Dtype, build_meta, control_strings, flops_per_token, load_processor, resolve
@@ -110,6 +109,15 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, loss_agg: str, normalise
     if loss_agg == "seq-mean-token-sum-norm":
         return (values * m).sum() / (n_seq * (max_len or mask.shape[1]))
     raise ValueError(f"loss_agg {loss_agg!r}")
+
+
+def local_normaliser(episodes: list, loss_agg: str) -> int:
+    """This shard's part of `aggregate`'s global normaliser for these episodes: the loss tokens of their responses
+    in the loss (token-mean), or the number of those responses (seq-mean-token-mean, seq-mean-token-sum-norm).
+    The caller sums it over ranks (all_reduce_sum), at least 1."""
+    if loss_agg == "token-mean":
+        return sum(len(s.token_ids) for ep in episodes for s, keep in zip(ep.samples, ep.loss_mask) if keep)
+    return sum(keep for ep in episodes for keep in ep.loss_mask)
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_high=0.2, clip_c=3.0, kl_coef=0.01,
@@ -200,36 +208,6 @@ class Episode:
     loss_mask: list = field(default_factory=list)  # per response: False = excluded (truncated / zero-variance)
 
 
-def episode_logprobs(net, episodes: list, device, micro_groups: int, share_prefix: bool, temperature: float = 1.0):
-    """Per response (T_i,) log-probs and entropies of the sampled tokens (no grad), `micro_groups` groups at a time."""
-    outs = []
-    for i in range(0, len(episodes), micro_groups):
-        packed = pack_groups(net, episodes[i : i + micro_groups], share_prefix).to(device)
-        with torch.no_grad():
-            lp, ent = net.mvl_logprobs(packed, temperature)
-        outs += split_by_response(packed, lp, ent)
-    return outs
-
-
-def micro_loss(net, episodes: list, old_lp: list | None, ref_lp: list | None, normaliser: float, device,
-               share_prefix: bool, temperature: float, algo: dict):
-    """This micro-batch's share of the mini-batch loss: whole groups packed into one row, one forward pass.
-
-    old_lp / ref_lp: per response (T_i,) log-probs in episode order (None: on-policy / no KL)."""
-    packed = pack_groups(net, episodes, share_prefix).to(device)
-    lp_flat, ent_flat = net.mvl_logprobs(packed, temperature)
-    lens = [len(s.token_ids) for ep in episodes for s in ep.samples]
-    lp, mask = pad_rows(lp_flat, lens)
-    ent, _ = pad_rows(ent_flat, lens)
-    keep = torch.tensor([k for ep in episodes for k in ep.loss_mask], dtype=torch.bool, device=device)
-    mask = mask & keep[:, None]
-    old = pad_rows(torch.cat(old_lp).to(device), lens)[0] if old_lp is not None else lp.detach()
-    ref = pad_rows(torch.cat(ref_lp).to(device), lens)[0] if ref_lp is not None else None
-    adv = torch.tensor([a for ep in episodes for a in ep.advantages], device=device)
-    loss, met = policy_loss(lp, old, ref, adv, mask, num_tokens=normaliser, entropy=ent, **algo)
-    return loss, met, int(mask.sum())
-
-
 def pack_groups(net, episodes: list, share_prefix: bool) -> forward.Packed:
     """Groups as segments of one padding-free row (prompt once, responses as branches)."""
     segs = []
@@ -243,12 +221,45 @@ def pack_groups(net, episodes: list, share_prefix: bool) -> forward.Packed:
     return forward.pack(segs, net)
 
 
-def split_by_response(packed: forward.Packed, lp, ent) -> list:
+def split_by_response(packed: forward.Packed, lp: torch.Tensor, ent: torch.Tensor) -> list:
+    """Cut (M,) per-target log-probs and entropies of a pack_groups row into [((T_i,) lp, (T_i,) ent)], one pair
+    per response in episode order. packed.spans holds per segment [prompt-target span] + one span per branch; GRPO
+    prompts have no targets, so each branch span (a response's T_i tokens) is kept and the first is skipped."""
     out = []
     for seg in packed.spans:
         for start, end in seg[1:]:
             out.append((lp[start:end], ent[start:end]))
     return out
+
+
+def episode_logprobs(net, episodes: list, device, micro_groups: int, share_prefix: bool, temperature: float = 1.0):
+    """Per response (T_i,) log-probs and entropies of the sampled tokens (no grad), `micro_groups` groups at a time."""
+    outs = []
+    for i in range(0, len(episodes), micro_groups):
+        packed = pack_groups(net, episodes[i : i + micro_groups], share_prefix).to(device)
+        with torch.no_grad():
+            lp, ent = forward.token_logprobs(net, packed, temperature)
+        outs += split_by_response(packed, lp, ent)
+    return outs
+
+
+def micro_loss(net, episodes: list, old_lp: list | None, ref_lp: list | None, normaliser: float, device,
+               share_prefix: bool, temperature: float, algo: dict):
+    """This micro-batch's share of the mini-batch loss: whole groups packed into one row, one forward pass.
+
+    old_lp / ref_lp: per response (T_i,) log-probs in episode order (None: on-policy / no KL)."""
+    packed = pack_groups(net, episodes, share_prefix).to(device)
+    lp_flat, ent_flat = forward.token_logprobs(net, packed, temperature)
+    lens = [len(s.token_ids) for ep in episodes for s in ep.samples]
+    lp, mask = pad_rows(lp_flat, lens)
+    ent, _ = pad_rows(ent_flat, lens)
+    keep = torch.tensor([k for ep in episodes for k in ep.loss_mask], dtype=torch.bool, device=device)
+    mask = mask & keep[:, None]
+    old = pad_rows(torch.cat(old_lp).to(device), lens)[0] if old_lp is not None else lp.detach()
+    ref = pad_rows(torch.cat(ref_lp).to(device), lens)[0] if ref_lp is not None else None
+    adv = torch.tensor([a for ep in episodes for a in ep.advantages], device=device)
+    loss, met = policy_loss(lp, old, ref, adv, mask, num_tokens=normaliser, entropy=ent, **algo)
+    return loss, met, int(mask.sum())
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -315,33 +326,39 @@ def sharded_model(name: str, device, dtype: str, attn: str, offload: bool, ckpt:
     return m
 
 
-def rollout(llm, net, eps: list, seeds: list, sampling: dict, tp: int, d) -> list:
-    """[[Sample] * n] per episode. The HF engine generates with the actor's gathered weights; the vLLM engine with
-    its own (pushed after each update) and then releases its memory for the update. Every rank of a vLLM
-    tensor-parallel group must submit the same prompts, so the group generates its ranks' prompts together."""
-    if isinstance(llm, HFEngine):
-        net.eval()  # no activation checkpointing during generation (it would disable the KV cache)
-        with torch.no_grad(), fsdp.gathered(net):
-            outs = llm.generate([ep.prompt for ep in eps], **sampling, seeds=seeds)
-        net.train()
-        return outs
-    if tp == 1:
-        outs = llm.generate([ep.prompt for ep in eps], **sampling, seeds=seeds, logprobs=True)
-    else:
-        group = d.rank // tp
-        peers = list(range(group * tp, (group + 1) * tp))
-        everyone = dist.all_gather_objects([(ep.prompt.text, ep.prompt.images, s) for ep, s in zip(eps, seeds)])
-        mine = [x for r in peers for x in everyone[r]]
-        outs = llm.generate([Prompt(t, im) for t, im, _ in mine], **sampling, seeds=[s for _, _, s in mine],
-                            logprobs=True)
-        start = sum(len(everyone[r]) for r in peers if r < d.rank)
-        outs = outs[start : start + len(eps)]
+def rollout_engine(engine: str, net, model: str, processor, tokenizer, tp: int, seed: int, dtype: str,
+                   gpu_memory_utilization: float, rollout_batch: int, max_model_len: int, synced: bool):
+    """The one engine choice ("vllm" or "hf", after generate.pick_engine). vLLM starts on dummy weights: rollout()
+    pushes the actor's before it generates whenever the engine's are not current (at the start, after each update,
+    after a sleep that discarded them). The HF engine generates with the actor itself, `rollout_batch` prompts
+    per call, all ranks in step (synced=True) under FSDP on several ranks."""
+    if engine == "vllm":
+        return VLLMEngine(resolve(model), tokenizer, tp=tp, seed=seed, dtype=dtype,
+                          gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, sleep=True,
+                          dummy_weights=True, is_vl=processor is not None, processor=processor)
+    return HFEngine(net, processor, tokenizer, batch_size=rollout_batch, synced=synced)
+
+
+def rollout(llm, net, eps: list, seeds: list, sampling: dict) -> list:
+    """[[Sample] * n] per episode of this rank. The vLLM engine first receives the actor's weights unless its own
+    are current (fsdp.full_params: every rank gathers the FSDP shards, one tensor at a time, here), generates (a
+    tensor-parallel group its ranks' prompts together) and then frees its memory for the update. The HF engine
+    generates with the actor itself (its shards gathered once for the call; the other calls are no-ops)."""
+    llm.push_weights(fsdp.full_params(net), when_needed=True)
+    outs = llm.generate([ep.prompt for ep in eps], **sampling, seeds=seeds, logprobs=True, per_rank=True)
     llm.release()
     return outs
 
 
-def validate(llm, net, val_data: str, val_limit: int, seed: int, new_tokens: int, processor, tokenizer, tp: int,
-             d) -> dict:
+def validation_due(step: int, start_step: int, last_step: bool, val_every: int, val_before_train: bool) -> bool:
+    """Validate every `val_every` steps (0 = never), at step 0 only with val_before_train, always after the last
+    step, but not at the step a resumed run starts from (the killed run validated it before saving)."""
+    if not val_every or (step == start_step and step > 0):
+        return False
+    return last_step or (step % val_every == 0 and (step > 0 or val_before_train))
+
+
+def validate(llm, net, val_data: str, val_limit: int, seed: int, new_tokens: int, processor, tokenizer, d) -> dict:
     """Greedy accuracy (the paper's lenient grader) and strict reward on the first `val_limit` items, split over
     ranks. Rows that cannot be graded here (bad rows, image items for a text-only policy) are counted as skipped;
     an item whose prompt the processor cannot encode is counted as failed and left out, so one bad item never
@@ -368,7 +385,7 @@ def validate(llm, net, val_data: str, val_limit: int, seed: int, new_tokens: int
             continue
         eps.append(Episode(it, p))
     outs = rollout(llm, net, eps, [row_seed(seed, ep.item.dataset_index) for ep in eps],
-                   dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=new_tokens), tp, d)
+                   dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=new_tokens))
     acc = sum(grading.lenient_correct(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
     rew = sum(grading.strict_reward(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
     cnt, acc, rew, skipped, failed = dist.all_reduce_many([len(eps), acc, rew, skipped, failed])
@@ -397,24 +414,44 @@ def score(eps: list, reward_fn, G: int, max_new_tokens: int, overlong_buffer: in
     return rewards, zero_var
 
 
-def update(net, opt, params: list, eps: list, old, refs, G: int, updates: int, local_mb: int, micro_groups: int,
-           share_prefix: bool, temperature: float, algo: dict, grad_clip: float, step: int, d):
-    """`updates` optimizer steps, one per mini-batch of `local_mb` groups on this rank, each accumulated over
-    micro-batches of whole groups with the mini-batch's global normaliser. Returns (per-micro-batch stats, grad
-    norms, whether every update was finite); a non-finite update is skipped."""
-    stats, norms, ok = [], [], True
-    for u in range(updates):
-        mb = list(range(u * local_mb, (u + 1) * local_mb))
-        mask_tok = sum(len(eps[g].samples[j].token_ids) for g in mb for j in range(G) if eps[g].loss_mask[j])
-        mask_seq = sum(eps[g].loss_mask[j] for g in mb for j in range(G))
-        normaliser = max(1.0, dist.all_reduce_sum(mask_tok if algo["loss_agg"] == "token-mean" else mask_seq))
-        micro = [mb[i : i + micro_groups] for i in range(0, len(mb), micro_groups)]
+@dataclass(frozen=True)
+class Layout:
+    """How a step's prompts split over ranks, updates and forward passes (all ranks together: train_batch prompts,
+    of which mini_batch per optimizer update; micro_batch responses per forward pass per rank)."""
+
+    group_size: int  # G, responses per prompt
+    updates: int  # optimizer updates per step = train_batch / mini_batch
+    local_prompts: int  # prompts per step on this rank = train_batch / world
+    local_mb: int  # prompts per update on this rank = mini_batch / world
+    micro_groups: int  # whole groups per forward pass = max(1, micro_batch // G)
+
+    @staticmethod
+    def of(train_batch: int, mini_batch: int, micro_batch: int, group_size: int, world_size: int) -> "Layout":
+        """SystemExit unless train_batch and mini_batch divide over the ranks and mini_batch divides train_batch."""
+        if train_batch % world_size or mini_batch % world_size or train_batch % mini_batch:
+            raise SystemExit(f"train_batch {train_batch} and mini_batch {mini_batch} must divide evenly over "
+                             f"{world_size} ranks and into each other")
+        return Layout(group_size, train_batch // mini_batch, train_batch // world_size, mini_batch // world_size,
+                      max(1, micro_batch // group_size))
+
+
+def update(net, opt, params: list, eps: list, old, refs, layout: Layout, share_prefix: bool, temperature: float,
+           algo: dict, grad_clip: float, step: int, device):
+    """`layout.updates` optimizer steps, one per mini-batch of `local_mb` groups on this rank, each accumulated over
+    micro-batches of whole groups with the mini-batch's global normaliser (local_normaliser summed over ranks).
+    Returns (per-micro-batch (loss tokens, metrics, loss), grad norms, whether every update was finite); a
+    non-finite update is skipped."""
+    G, stats, norms, ok = layout.group_size, [], [], True
+    for u in range(layout.updates):
+        mb = list(range(u * layout.local_mb, (u + 1) * layout.local_mb))
+        normaliser = max(1.0, dist.all_reduce_sum(local_normaliser([eps[g] for g in mb], algo["loss_agg"])))
+        micro = [mb[i : i + layout.micro_groups] for i in range(0, len(mb), layout.micro_groups)]
         for k, chunk in enumerate(micro):
             net.set_requires_gradient_sync(k == len(micro) - 1)
             flat = [(g, j) for g in chunk for j in range(G)]
             loss, met, ntok = micro_loss(
                 net, [eps[g] for g in chunk], [old[g * G + j][0] for g, j in flat] if old is not None else None,
-                [refs[g * G + j][0] for g, j in flat] if refs is not None else None, normaliser, d.device,
+                [refs[g * G + j][0] for g, j in flat] if refs is not None else None, normaliser, device,
                 share_prefix, temperature, algo)
             (loss * poison("grpo_loss", step)).backward()
             stats.append((ntok, met, float(loss.detach())))
@@ -430,47 +467,68 @@ def update(net, opt, params: list, eps: list, old, refs, G: int, updates: int, l
 
 
 def engine_logprob_diff(net, eps: list, old, G: int, device, share_prefix: bool, temperature: float):
-    """Largest |trainer - engine| log-prob over the first group's sampled tokens, all ranks (vLLM rollouts only):
-    the check that the engine generated with the trainer's weights."""
-    diff = -1.0
-    if eps and eps[0].samples and eps[0].samples[0].logprobs:
-        mine = old[:G] if old is not None else episode_logprobs(net, eps[:1], device, 1, share_prefix, temperature)
-        diff = max([float((lp.cpu() - torch.tensor(s.logprobs[: len(lp)])).abs().max())
-                    for (lp, _), s in zip(mine, eps[0].samples) if len(lp)] or [0.0])
-    diff = dist.all_reduce_max(diff)
-    return diff if diff >= 0 else None
+    """Largest |trainer - engine| log-prob over this rank's first group's sampled tokens: the check that the engine
+    generated with the trainer's weights. -1 when the samples carry no engine log-probs (the HF engine's); this
+    rank's value only, step_metrics takes the max over ranks in its own reduction."""
+    if not (eps and eps[0].samples and eps[0].samples[0].logprobs):
+        return -1.0
+    mine = old[:G] if old is not None else episode_logprobs(net, eps[:1], device, 1, share_prefix, temperature)
+    return max([float((lp.cpu() - torch.tensor(s.logprobs[: len(lp)])).abs().max())
+                for (lp, _), s in zip(mine, eps[0].samples) if len(lp)] or [0.0])
+
+
+LOSS_METRICS = ("pg_loss", "clip_frac", "dual_clip_frac", "kl", "entropy")  # policy_loss's, token-weighted
 
 
 def step_metrics(eps: list, rewards, stats: list, norms: list, zero_var: int, times: dict, dt: float, vllm_diff,
                  share_prefix: bool, net, peak, lr: float, kl_coef: float, d) -> dict:
-    """The step's metrics over all ranks, in two reductions (one sum, one max)."""
+    """The step's metrics over all ranks, in two reductions (one sum, one max). The loss metrics are means over
+    micro-batches weighted by their loss tokens; vllm_diff is this rank's engine_logprob_diff (-1 = none)."""
     samples = [(ep, s) for ep in eps for s in ep.samples]
     lens = [len(s.token_ids) for _, s in samples]
     n_prompt_tok = sum(len(ep.prompt.segment.ids) for ep in eps)
     G = len(eps[0].samples) if eps else 1
-    w = sum(st[0] for st in stats)
-    keys = ["pg_loss", "clip_frac", "dual_clip_frac", "kl", "entropy"]
-    sums = dist.all_reduce_many([
-        float(rewards.sum()), float((rewards**2).sum()), len(lens), sum(lens),
-        sum(grading.lenient_correct(s.text, ep.item.answer, ep.item.answer_label) for ep, s in samples),
-        sum(grading.format_ok(s.text) for _, s in samples), sum(s.finish_reason == "length" for _, s in samples),
-        zero_var, len(eps), sum(lens) + (n_prompt_tok if share_prefix else n_prompt_tok * G), w,
-        *[sum(st[0] * st[1].get(k, 0.0) for st in stats) for k in keys]])
-    r_sum, r_sq, count, len_sum, correct, fmt_ok, truncated, zero_var, groups, tok_trained, w = sums[:11]
-    avg = dict(zip(keys, [v / max(1, w) for v in sums[11:]]))
-    tmax = dict(zip(["len_max", *times], dist.all_reduce_many([max(lens, default=0), *times.values()], max_=True)))
+    local = {
+        "r_sum": float(rewards.sum()), "r_sq": float((rewards**2).sum()), "count": len(lens), "len_sum": sum(lens),
+        "correct": sum(grading.lenient_correct(s.text, ep.item.answer, ep.item.answer_label) for ep, s in samples),
+        "fmt_ok": sum(grading.format_ok(s.text) for _, s in samples),
+        "truncated": sum(s.finish_reason == "length" for _, s in samples), "zero_var": zero_var, "groups": len(eps),
+        "tok_trained": sum(lens) + (n_prompt_tok if share_prefix else n_prompt_tok * G),
+        "w": sum(st[0] for st in stats), **{k: sum(st[0] * st[1].get(k, 0.0) for st in stats) for k in LOSS_METRICS}}
+    t = dict(zip(local, dist.all_reduce_many(list(local.values()))))  # the same names, summed over ranks
+    avg = {k: t[k] / max(1, t["w"]) for k in LOSS_METRICS}
+    tmax = dict(zip(["len_max", "vllm_diff", *times],
+                    dist.all_reduce_many([max(lens, default=0), vllm_diff, *times.values()], max_=True)))
     # MFU of the update phase: fwd+bwd model FLOPs of the trained tokens over its time (rollout decoding is bound by
     # memory bandwidth, not FLOPs; the no-grad old/ref passes and activation recompute are not counted)
-    seq = n_prompt_tok / max(1, len(eps)) + len_sum / max(1, count)  # attended length: prompt + response
-    mfu = compute_mfu(tok_trained * flops_per_token(net, seq), tmax["update"], peak, d.world_size)
+    count = t["count"]
+    seq = n_prompt_tok / max(1, len(eps)) + t["len_sum"] / max(1, count)  # attended length: prompt + response
+    mfu = compute_mfu(t["tok_trained"] * flops_per_token(net, seq), tmax["update"], peak, d.world_size)
     return {
-        "reward": r_sum / count, "reward_std": math.sqrt(max(0.0, r_sq / count - (r_sum / count) ** 2)),
-        "acc": correct / count, "format": fmt_ok / count, "len_mean": len_sum / count, "len_max": tmax["len_max"],
-        "truncated": truncated / count, "frac_zero_std": zero_var / groups,
+        "reward": t["r_sum"] / count, "reward_std": math.sqrt(max(0.0, t["r_sq"] / count - (t["r_sum"] / count) ** 2)),
+        "acc": t["correct"] / count, "format": t["fmt_ok"] / count, "len_mean": t["len_sum"] / count,
+        "len_max": tmax["len_max"], "truncated": t["truncated"] / count, "frac_zero_std": t["zero_var"] / t["groups"],
         "pg_loss": avg["pg_loss"], "clip_frac": avg["clip_frac"], "dual_clip_frac": avg["dual_clip_frac"],
         "kl": avg["kl"] if kl_coef else None, "entropy": avg["entropy"], "grad_norm": max(norms),
-        "lr": lr, "tokens_per_s": tok_trained / dt, "vllm_logprob_maxdiff": vllm_diff, "mfu_update": mfu,
+        "lr": lr, "tokens_per_s": t["tok_trained"] / dt,
+        "vllm_logprob_maxdiff": tmax["vllm_diff"] if tmax["vllm_diff"] >= 0 else None, "mfu_update": mfu,
         **{f"time/{k}": tmax[k] for k in times}}
+
+
+def metric_line(step: int, total: int, m: dict, times: dict, kl_coef: float) -> str:
+    """The one line a step prints."""
+    return (f"step {step:05d}/{total:05d} | reward {m['reward']:.3f} | acc {m['acc']:.3f} | "
+            f"format {m['format']:.3f} | len {m['len_mean']:.0f}/{m['len_max']:.0f} | "
+            f"kl {fmt(m['kl']) if kl_coef else '-'} | clip {m['clip_frac']:.3f} | "
+            f"gnorm {m['grad_norm']:.3f} | tok/s {m['tokens_per_s']:.0f} | "
+            f"mfu(update) {fmt(100 * m['mfu_update']) + '%' if m['mfu_update'] else 'n/a'} | "
+            + " ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+
+
+def val_line(step: int, v: dict) -> str:
+    """The line a validation prints (validate's metrics)."""
+    return (f"step {step:05d} | val acc {v['val/acc']:.4f} | val reward {v['val/reward']:.4f} "
+            f"({int(v['val/items'])} items, {int(v['val/skipped'])} skipped, {int(v['val/failed'])} failed)")
 
 
 def log_rollout_groups(path: str, step: int, eps: list, n: int, src: str) -> None:
@@ -501,20 +559,32 @@ def write_pages(out: str, title: str, metrics: list) -> None:
                       report.read_rollouts(os.path.join(out, "rollouts.jsonl")), os.path.join(out, "curves.png"))
 
 
-def save(out: str, step: int, fresh: bool, net, opt, processor, tokenizer, user_config: dict, dtype: str, d,
+def resume_step(resume: str, out: str, net, opt) -> int:
+    """Load the checkpoint `resume` names into the actor and optimizer ("auto": checkpoint.latest of out/ckpt, if
+    any; "": none) and return its step; 0 when nothing was loaded."""
+    path = (checkpoint.latest(os.path.join(out, "ckpt"), report=dist.print0) if resume == "auto" else resume) \
+        if resume else ""
+    if not path:
+        return 0
+    step = checkpoint.load(path, net, opt)["step"]
+    dist.print0(f"resumed from {path} at step {step}")
+    return step
+
+
+def save(out: str, step: int, fresh: bool, net, opt, processor, tokenizer, user_config: dict, dtype: str, is_main: bool,
          keep: int = -1) -> None:
     """A DCP checkpoint (not rewritten for the step a run resumed from; only the newest `keep` stay, < 1 = all) and
     an HF export, then `final` -> it."""
     name = f"step_{step:06d}"
     if fresh:
         saved = checkpoint.save(os.path.join(out, "ckpt"), step, net, opt, {"user_config": user_config})
-        if d.is_main:
+        if is_main:
             checkpoint.prune(os.path.join(out, "ckpt"), keep, saved, report=dist.print0)
     if fresh or not os.path.exists(os.path.join(out, name, "meta.json")):  # a kill may have cut the export
         checkpoint.export_hf(net, os.path.join(out, name), processor, tokenizer,
                              {"stage": "grpo", "step": step, "user_config": user_config, "git": git_sha()},
                              dtype=torch.bfloat16 if dtype == "bf16" else None)
-    if d.is_main:
+    if is_main:
         link = os.path.join(out, "final")
         if os.path.lexists(link):
             os.remove(link)
@@ -544,7 +614,7 @@ def main(
     epochs: int = -1,  # -1 = recipe (5 for text, 1 for image, else 1)
     max_steps: int = -1,  # stop early
     # Rollout
-    engine: Literal["auto", "vllm", "hf"] = "auto",  # auto = vllm on a GPU where it is installed, else hf
+    engine: Literal["auto", "vllm", "hf"] = "auto",  # auto = vllm on a CUDA GPU where it is installed, else hf
     group_size: int = 8,  # responses per prompt (the recipe's rollout.n; torchrun would misread a flag named --n)
     temperature: float = 1.0,  # rollout sampling (recipe 1.0)
     top_p: float = 1.0,  # rollout nucleus sampling (recipe 1.0 = off)
@@ -603,22 +673,14 @@ def main(
     size = SIZES.get(model.lower(), dict(micro_batch=32, tp=1))
     micro_batch = size["micro_batch"] if micro_batch < 0 else micro_batch
     tp = size["tp"] if tp < 0 else tp
-    if engine == "auto":
-        engine = "vllm" if d.device.type == "cuda" and importlib.util.find_spec("vllm") else "hf"
-    if engine == "vllm" and d.world_size % tp:
-        raise SystemExit(f"--tp {tp} must divide the {d.world_size} ranks (vLLM tensor-parallel groups)")
+    engine = pick_engine(engine, d.device)
     epochs = EPOCHS.get(data, 1) if epochs < 0 else epochs
     src = DATASETS.get(data, data)
     if data in DATASETS and not os.path.exists(src):
         raise SystemExit(f"--data {data} reads the curated set {src}, which is missing: build it with "
                          "`bash run/data_prep.sh` (or pass any data_prep.py folder)")
     out = out or os.path.join("outputs", "grpo", f"{os.path.basename(resolve(model).rstrip('/'))}-{data.replace('/', '_')}")
-    if train_batch % d.world_size or mini_batch % d.world_size or train_batch % mini_batch:
-        raise SystemExit(f"train_batch {train_batch} and mini_batch {mini_batch} must divide evenly over "
-                         f"{d.world_size} ranks and into each other")
-    updates = train_batch // mini_batch
-    local_prompts, local_mb = train_batch // d.world_size, mini_batch // d.world_size
-    micro_groups = max(1, micro_batch // G)
+    layout = Layout.of(train_batch, mini_batch, micro_batch, G, d.world_size)
     algo = dict(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c, kl_coef=kl_coef, kl_type=kl_type,
                 loss_agg=loss_agg, entropy_coef=entropy_coef, max_len=max_new_tokens)
     check_output(out)
@@ -626,7 +688,7 @@ def main(
         write_json(os.path.join(out, "config.json"), {**user_config, "engine": engine, "tp": tp, "epochs": epochs,
                                                       "micro_batch": micro_batch, "git": git_sha()})
         print(f"grpo: {model} on {src} | {train_batch} prompts x {G} = {train_batch * G} responses/step, "
-              f"{updates} updates/step | engine {engine} | world {d.world_size} | out {out}", flush=True)
+              f"{layout.updates} updates/step | engine {engine} | world {d.world_size} | out {out}", flush=True)
     log = Logger(out, user_config, d.is_main, wandb)
     reward_fn = load_reward(reward)
 
@@ -658,55 +720,40 @@ def main(
     opt = torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), eps=1e-8, weight_decay=weight_decay)  # as verl: all
     peak = peak_flops(d.device, dtype)  # CPU: a matmul probe at this dtype, cached per machine
 
-    # Rollout engine. vLLM starts on dummy weights and is filled from the actor before its first rollout; it pushes
-    # again whenever its weights are not current (after each update, and after a sleep that discarded them).
-    if engine == "vllm":
-        llm = VLLMEngine(resolve(model), tokenizer, tp=tp, seed=seed, dtype=dtype,
-                         gpu_memory_utilization=gpu_memory_utilization,
-                         max_model_len=max_prompt_length + max(max_new_tokens, val_max_new_tokens), sleep=True,
-                         dummy_weights=True, is_vl=processor is not None, processor=processor,
-                         weight_source=lambda: fsdp.full_params(net))
-    else:
-        llm = HFEngine(net, processor, tokenizer, batch_size=rollout_batch, synced=d.world_size > 1)
+    # Rollout engine (vLLM checks that --tp divides the ranks)
+    llm = rollout_engine(engine, net, model, processor, tokenizer, tp=tp, seed=seed, dtype=dtype,
+                         gpu_memory_utilization=gpu_memory_utilization, rollout_batch=rollout_batch,
+                         max_model_len=max_prompt_length + max(max_new_tokens, val_max_new_tokens),
+                         synced=d.world_size > 1)
     sampling = dict(n=G, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
 
     # Resume
-    step = 0
-    if resume:
-        path = checkpoint.latest(os.path.join(out, "ckpt"), report=dist.print0) if resume == "auto" else resume
-        if path:
-            step = checkpoint.load(path, net, opt)["step"]
-            dist.print0(f"resumed from {path} at step {step}")
-            if engine == "vllm":
-                llm.mark_stale()
+    step = resume_step(resume, out, net, opt)
+    llm.mark_stale()  # the actor may be a checkpoint's now (vLLM holds dummy weights until its first push anyway)
     start_step, bad = step, 0
 
     # Training loop
     while True:
         last_step = step >= total
-        if val_data and val_every and (last_step or (step % val_every == 0 and (step > 0 or val_before_train))) \
-                and not (step == start_step and step > 0):
-            v = validate(llm, net, val_data, val_limit, row_seed(seed, -1 - step), val_max_new_tokens, processor,
-                         tokenizer, tp, d)
-            log.log(step, v, f"step {step:05d} | val acc {v['val/acc']:.4f} | val reward {v['val/reward']:.4f} "
-                             f"({int(v['val/items'])} items, {int(v['val/skipped'])} skipped, "
-                             f"{int(v['val/failed'])} failed)")
+        if val_data and validation_due(step, start_step, last_step, val_every, val_before_train):
+            v = validate(llm, net, val_data=val_data, val_limit=val_limit, seed=row_seed(seed, -1 - step),
+                         new_tokens=val_max_new_tokens, processor=processor, tokenizer=tokenizer, d=d)
+            log.log(step, v, val_line(step, v))
         if step > 0 and (last_step or (save_every and step % save_every == 0)):
             if d.is_main:  # before the checkpoint: a run killed after any save has its page up to that step
                 write_pages(out, f"grpo {model} on {data}", log.read())
-            save(out, step, step != start_step, net, opt, processor, tokenizer, user_config, dtype, d,
-                 keep_checkpoints)
+            save(out, step, fresh=step != start_step, net=net, opt=opt, processor=processor, tokenizer=tokenizer,
+                 user_config=user_config, dtype=dtype, is_main=d.is_main, keep=keep_checkpoints)
         if last_step:
             break
         crash_point("grpo_step")
         times, t0 = {}, time.time()
 
-        # 1. rollouts
+        # 1. rollouts: this rank's share of the step's prompts, G responses each
         idx = step_rows(step, usable, steps_per_epoch, train_batch, shuffle, data_seed)
-        eps = make_episodes(rows, idx[d.rank * local_prompts : (d.rank + 1) * local_prompts], root, processor,
-                            tokenizer, max_prompt_length, src)
-        outs = rollout(llm, net, eps, [row_seed(row_seed(seed, step), ep.item.dataset_index) for ep in eps],
-                       sampling, tp, d)
+        eps = make_episodes(rows, idx[d.rank * layout.local_prompts : (d.rank + 1) * layout.local_prompts], root,
+                            processor, tokenizer, max_prompt_length, src)
+        outs = rollout(llm, net, eps, [row_seed(row_seed(seed, step), ep.item.dataset_index) for ep in eps], sampling)
         for ep, samples in zip(eps, outs):
             ep.samples = samples
         times["rollout"] = time.time() - t0
@@ -721,49 +768,42 @@ def main(
 
         # 3. old (only if several updates share these rollouts) and reference log-probs, no grad
         t = time.time()
-        old = episode_logprobs(net, eps, d.device, micro_groups, share_prefix, temperature) if updates > 1 else None
+        old = episode_logprobs(net, eps, d.device, layout.micro_groups, share_prefix, temperature) \
+            if layout.updates > 1 else None
         times["old_logprob"] = time.time() - t
         t = time.time()
-        refs = episode_logprobs(ref, eps, d.device, micro_groups, share_prefix, temperature) if ref is not None else None
+        refs = episode_logprobs(ref, eps, d.device, layout.micro_groups, share_prefix, temperature) \
+            if ref is not None else None
         times["ref"] = time.time() - t
-        vllm_diff = engine_logprob_diff(net, eps, old, G, d.device, share_prefix, temperature) \
-            if engine == "vllm" else None
+        vllm_diff = engine_logprob_diff(net, eps, old, G, d.device, share_prefix, temperature)  # -1: hf engine
 
         # 4. updates: one per mini-batch, micro-batches of whole groups, global normalisers
         t = time.time()
-        stats, norms, step_ok = update(net, opt, params, eps, old, refs, G, updates, local_mb, micro_groups,
-                                       share_prefix, temperature, algo, grad_clip, step, d)
+        stats, norms, step_ok = update(net, opt, params, eps, old=old, refs=refs, layout=layout,
+                                       share_prefix=share_prefix, temperature=temperature, algo=algo,
+                                       grad_clip=grad_clip, step=step, device=d.device)
         times["update"] = time.time() - t
+        bad = 0 if step_ok else bad + 1
         if not step_ok:
-            bad += 1
             dist.print0(f"step {step}: non-finite grad norm {norms}: update(s) skipped ({bad} in a row)")
             log.log(step + 1, {"skipped": 1})
             if bad >= max_bad_steps:
                 raise SystemExit(f"stopping: {bad} non-finite steps in a row (lower the lr, check the rewards)")
-        else:
-            bad = 0
 
-        # 5. push the new weights to vLLM
+        # 5. the engine's weights are now stale; vLLM gets the new ones here (every rank gathers the FSDP shards)
         t = time.time()
-        if engine == "vllm":
-            llm.mark_stale()
-            if step + 1 < total:  # after the last update only a final validation generates: it pushes on demand
-                llm.push_weights()
+        llm.mark_stale()
+        if step + 1 < total:  # after the last update only a final validation generates: it pushes on demand
+            llm.push_weights(fsdp.full_params(net), when_needed=True)
         times["sync"] = time.time() - t
         step += 1
 
         # 6. one line per step
-        metrics = step_metrics(eps, rewards, stats, norms, zero_var, times, time.time() - t0, vllm_diff,
-                               share_prefix, net, peak, lr, kl_coef, d)
-        line = None
-        if step % log_every == 0 or step == total:
-            line = (f"step {step:05d}/{total:05d} | reward {metrics['reward']:.3f} | acc {metrics['acc']:.3f} | "
-                    f"format {metrics['format']:.3f} | len {metrics['len_mean']:.0f}/{metrics['len_max']:.0f} | "
-                    f"kl {fmt(metrics['kl']) if kl_coef else '-'} | clip {metrics['clip_frac']:.3f} | "
-                    f"gnorm {metrics['grad_norm']:.3f} | tok/s {metrics['tokens_per_s']:.0f} | "
-                    f"mfu(update) {fmt(100 * metrics['mfu_update']) + '%' if metrics['mfu_update'] else 'n/a'} | "
-                    + " ".join(f"{k} {v:.1f}s" for k, v in times.items()))
-        log.log(step, metrics, line)
+        metrics = step_metrics(eps, rewards, stats=stats, norms=norms, zero_var=zero_var, times=times,
+                               dt=time.time() - t0, vllm_diff=vllm_diff, share_prefix=share_prefix, net=net,
+                               peak=peak, lr=lr, kl_coef=kl_coef, d=d)
+        log.log(step, metrics, metric_line(step, total, metrics, times, kl_coef)
+                if step % log_every == 0 or step == total else None)
 
     # Final summary
     if d.is_main:
@@ -773,8 +813,7 @@ def main(
         print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; {hf}; "
               f"report {os.path.join(out, 'report.html')}", flush=True)
     log.finish()
-    if engine == "vllm":
-        llm.shutdown()
+    llm.shutdown()  # before our process group goes (vLLM's groups are built on it); hf: nothing
     dist.cleanup()
 
 
