@@ -352,8 +352,10 @@ def segment(model, length: int, image: bool, target_from: int | None = None, bra
     from common import forward
 
     g = torch.Generator().manual_seed(length)
+    cfg = getattr(model.config, "text_config", model.config)
+    top = min(100000, cfg.vocab_size)  # below the image/special ids of Qwen2.5-VL, inside a small model's vocabulary
     with real_inputs():
-        ids = torch.randint(1000, 100000, (length,), generator=g)
+        ids = torch.randint(min(1000, top // 2), top, (length,), generator=g)
         pix = grid = None
         if image and forward.is_vl(model):
             vc = model.config.vision_config
@@ -369,5 +371,5 @@ def segment(model, length: int, image: bool, target_from: int | None = None, bra
         if target_from is not None:
             mask = torch.zeros(length, dtype=torch.bool)
             mask[target_from:] = True
-        br = [torch.randint(1000, 100000, (n,), generator=g) for n in branches]
+        br = [torch.randint(min(1000, top // 2), top, (n,), generator=g) for n in branches]
     return forward.Segment(ids, pix, grid, target_mask=mask, branches=br)
