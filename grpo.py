@@ -48,7 +48,7 @@ from common import checkpoint, cli, dist, forward, fsdp, grading, prompts, repor
 from common.data import RowError, data_root, load_rows, parse_row, read_row
 from common.faults import crash_point, poison
 from common.files import check_output, repair_tail, write_json
-from common.generate import HFEngine, Prompt, encode, pick_engine, row_seed
+from common.generate import HFEngine, Prompt, Sample, encode, pick_engine, row_seed
 from common.vllm_engine import VLLMEngine
 from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
 from common.model import Attn, Dtype, build_meta, control_strings, flops_per_token, load_processor, resolve
@@ -318,12 +318,66 @@ def make_episodes(rows, idx: list, root: str, processor, tokenizer, max_prompt_l
 
 
 def sharded_model(name: str, device, dtype: str, attn: str, offload: bool, ckpt: bool, freeze: bool,
-                  trust_remote_code: bool):
-    """Built on meta, FSDP2-sharded per block, weights filled from rank 0 (common/fsdp.py)."""
+                  trust_remote_code: bool, fill: bool = True):
+    """Built on meta, FSDP2-sharded per block, weights filled from rank 0 (common/fsdp.py); fill=False leaves the
+    storage uninitialised (the memory simulation, where it is fake)."""
     m = build_meta(name, dtype="fp32", attn=attn, trust_remote_code=trust_remote_code)
     fsdp.shard(m, param_dtype=dtype, cpu_offload=offload, activation_checkpointing=ckpt, freeze_vision=freeze)
-    fsdp.load_from_rank0(m, name, device, trust_remote_code)
+    if fill:
+        fsdp.load_from_rank0(m, name, device, trust_remote_code)
+    else:
+        m.to_empty(device=device)
     return m
+
+
+def simulate(world: int, gpu_memory_gb: float, out: str, model: str, dtype: str, attn: str, ckpt: bool,
+             cpu_offload: bool, ref_offload: bool, freeze: bool, G: int, local_prompts: int, updates: int,
+             local_mb: int, micro_groups: int, max_prompt_length: int, max_new_tokens: int, image: bool,
+             share_prefix: bool, temperature: float, algo: dict, grad_clip: float, lr: float, beta1: float,
+             beta2: float, weight_decay: float, vllm_utilization: float, settings: dict) -> dict:
+    """`--simulate_world`: this script's step on `world` fake ranks (common/simulate.py), every prompt at
+    `max_prompt_length` tokens (with one 1008 px image, simulate.IMAGE_GRID, when `image`) and every response at
+    `max_new_tokens` (the worst case). Phases: old_logprob and ref_logprob (one micro-batch of `micro_groups`
+    groups: every micro-batch has the same shape), update (`update()` itself: two optimizer steps of at most two
+    micro-batches each, so the second sees the optimizer state). Rollouts are not simulated: their memory is
+    vLLM's budget (`vllm_utilization` x GPU memory, 0 for the HF engine). Returns the plan."""
+    from common import simulate as sim
+
+    folder = sim.model_folder(model, os.path.join(out, "sim_model"))
+    with sim.fake_world(world) as (d, tracker):
+        net = sharded_model(folder, d.device, dtype, attn, cpu_offload, ckpt, freeze, False, fill=False)
+        params = [p for p in net.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), eps=1e-8, weight_decay=weight_decay)
+        tracker.watch(net, opt, offload=cpu_offload)
+        ref = None
+        if algo["kl_coef"] != 0:
+            ref = sharded_model(folder, d.device, dtype, attn, ref_offload, False, False, False, fill=False)
+            ref.eval().requires_grad_(False)
+            tracker.watch(ref, None, offload=ref_offload)
+        n_micro = min(2, max(1, local_mb // micro_groups))
+        n_groups = min(local_prompts, 2 * n_micro * micro_groups)
+        eps = []
+        for g in range(n_groups):
+            seg = sim.segment(net, max_prompt_length, image)
+            ep = Episode(None, Prompt("", [], seg))
+            ep.samples = [Sample([1000 + (g * G + j) % 50000] * max_new_tokens, "", "length") for j in range(G)]
+            ep.advantages, ep.loss_mask = [1.0] * G, [True] * G
+            eps.append(ep)
+        with tracker.phase("old_logprob"):
+            old = episode_logprobs(net, eps[:micro_groups], d.device, micro_groups, share_prefix, temperature)
+        refs = None
+        if ref is not None:
+            with tracker.phase("ref_logprob"):
+                refs = episode_logprobs(ref, eps[:micro_groups], d.device, micro_groups, share_prefix, temperature)
+        old = (old * n_groups)[: n_groups * G] if updates > 1 else None
+        refs = (refs * n_groups)[: n_groups * G] if refs is not None else None
+        with tracker.phase("update"):
+            update(net, opt, params, eps, old, refs, layout=Layout(G, 2, n_groups, n_groups // 2, micro_groups),
+                   share_prefix=share_prefix, temperature=temperature, algo=algo, grad_clip=grad_clip, step=0,
+                   device=d.device)
+    p = sim.plan(tracker, world, gpu_memory_gb, settings, vllm_utilization, resident_phase="update")
+    sim.write(p, out)
+    return p
 
 
 def rollout_engine(engine: str, net, model: str, processor, tokenizer, tp: int, seed: int, dtype: str,
@@ -663,11 +717,30 @@ def main(
     wandb: bool = False,  # also log to Weights & Biases (needs `pip install wandb` and a login)
     log_every: int = 1,  # print a metric line every N steps (metrics.jsonl gets every step)
     log_rollouts: int = 2,  # groups per step written to rollouts.jsonl for report.html (rank 0's first; 0 = off)
+    # Memory plan (common/simulate.py): no torchrun, no weights, no data
+    simulate_world: int = 0,  # > 0: simulate one full-shape step on N ranks, print per-rank memory, write the plan
+    gpu_memory_gb: float = 80,  # the GPU the plan is judged against (H100/A100 80 GB)
+    simulate_images: bool | None = None,  # one 1008 px image per prompt (None = when --data is image)
 ):
     user_config = dict(locals())
     cli.check_choices(main, user_config)  # a misspelt choice fails here, before any work
     t_start = time.time()
     G = group_size
+    if simulate_world > 0:
+        size = SIZES.get(model.lower(), dict(micro_batch=32, tp=1))
+        micro_batch = size["micro_batch"] if micro_batch < 0 else micro_batch
+        W, lay = simulate_world, Layout.of(train_batch, mini_batch, micro_batch, G, simulate_world)
+        image = data == "image" if simulate_images is None else simulate_images
+        vllm = engine != "hf"  # a simulated GPU run: auto is vLLM there
+        out = out or os.path.join("outputs", "simulate", f"grpo-{os.path.basename(model.rstrip('/'))}-w{W}")
+        algo = dict(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c, kl_coef=kl_coef, kl_type=kl_type,
+                    loss_agg=loss_agg, entropy_coef=entropy_coef, max_len=max_new_tokens)
+        simulate(W, gpu_memory_gb, out, model, dtype, attn, activation_checkpointing, cpu_offload, ref_offload,
+                 freeze_vision, G, lay.local_prompts, lay.updates, lay.local_mb, lay.micro_groups, max_prompt_length, max_new_tokens, image,
+                 share_prefix and attn != "flash_attention_2", temperature, algo, grad_clip, lr, beta1, beta2,
+                 weight_decay, gpu_memory_utilization if vllm else 0.0,
+                 {**user_config, "micro_batch": micro_batch, "simulate_images": image, "vllm": vllm})
+        return
     d = dist.init(seed=seed, timeout_s=timeout_s)
     speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
     size = SIZES.get(model.lower(), dict(micro_batch=32, tp=1))

@@ -113,6 +113,70 @@ def sft_loss(logp: torch.Tensor, spans: list, loss_agg: str, normaliser: int) ->
     raise ValueError(f"loss_agg {loss_agg!r}: use seq-mean-token-mean or token-mean")
 
 
+def sharded_meta(model: str, dtype: str, attn: str, cpu_offload: bool, ckpt: bool, freeze_vision: bool,
+                 trust_remote_code: bool):
+    """The model on the meta device, FSDP2-sharded per block (common/fsdp.py); fill it with fsdp.load_from_rank0."""
+    net = build_meta(model, dtype="fp32", attn=attn, trust_remote_code=trust_remote_code)
+    return fsdp.shard(net, param_dtype=dtype, cpu_offload=cpu_offload, activation_checkpointing=ckpt,
+                      freeze_vision=freeze_vision)
+
+
+def optimizer(net, lr: float, beta1: float, beta2: float, weight_decay: float):
+    """(trainable params, AdamW): weight decay on matrices only, not on biases/norms, as HF Trainer (RECIPE §5.1)."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return params, torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=1e-8)
+
+
+def accumulate(net, mine: list, accum: int, micro_batch: int, packing: bool, loss_agg: str, normaliser: int, device,
+               step: int) -> float:
+    """Forward and backward of this rank's samples `mine`, `accum` micro-steps of `micro_batch` samples each
+    (gradients reduce-scattered on the last); returns the summed loss shares (a float)."""
+    loss_sum = 0.0
+    for m in range(accum):
+        micro = mine[m * micro_batch : (m + 1) * micro_batch]
+        net.set_requires_gradient_sync(m == accum - 1)
+        packed = forward.pack(micro, net, rows="packed" if packing else "padded").to(device)
+        logp, _ = net.mvl_logprobs(packed)
+        loss = sft_loss(logp, packed.spans, loss_agg, normaliser) * poison("sft_loss", step)
+        loss.backward()
+        loss_sum += float(loss.detach())
+    return loss_sum
+
+
+def simulate(world: int, gpu_memory_gb: float, out: str, model: str, dtype: str, attn: str, ckpt: bool,
+             cpu_offload: bool, freeze_vision: bool, global_batch: int, micro_batch: int, max_length: int,
+             packing: bool, loss_agg: str, grad_clip: float, image: bool, settings: dict, steps: int = 2) -> dict:
+    """`--simulate_world`: `steps` optimizer steps of this script's own code on `world` fake ranks (common/simulate.py),
+    every sample a conversation of exactly `max_length` tokens (the worst case; its last 3/4 are loss tokens), with
+    one image of simulate.IMAGE_GRID (1008 x 1008 px) each when `image`. Phases: forward_backward (all micro-steps
+    of a step) and optimizer (clip + AdamW step); the second step sees the optimizer state. Returns the plan."""
+    from common import simulate as sim
+
+    accum = batch_plan(global_batch, micro_batch, world)
+    folder = sim.model_folder(model, os.path.join(out, "sim_model"))
+    with sim.fake_world(world) as (d, tracker):
+        net = sharded_meta(folder, dtype, attn, cpu_offload, ckpt, freeze_vision, False)
+        net.to_empty(device=d.device)
+        net.train()
+        params, opt = optimizer(net, 1e-5, 0.9, 0.95, 1e-4)
+        tracker.watch(net, opt, offload=cpu_offload)
+        mine = [sim.segment(net, max_length, image, target_from=max_length // 4)
+                for _ in range(global_batch // world)]
+        normaliser = loss_units(mine, loss_agg) * world
+        for step in range(steps):
+            with tracker.phase("forward_backward"):
+                accumulate(net, mine, accum, micro_batch, packing, loss_agg, normaliser, d.device, step)
+            with tracker.phase("optimizer", context="other"):
+                fsdp.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    p = sim.plan(tracker, world, gpu_memory_gb, settings)
+    sim.write(p, out)
+    return p
+
+
 # -----------------------------------------------------------------------------------------------------------------
 
 
@@ -155,10 +219,24 @@ def main(
     timeout_s: float = 1800,  # collective timeout: a rank that dies stops the others instead of hanging them
     wandb: bool = False,  # also log to Weights & Biases (needs `pip install wandb` and a login)
     log_every: int = 1,  # print a metric line every N steps (metrics.jsonl gets every step)
+    # Memory plan (common/simulate.py): no torchrun, no weights, no data
+    simulate_world: int = 0,  # > 0: simulate one full-shape step on N ranks, print per-rank memory, write the plan
+    gpu_memory_gb: float = 80,  # the GPU the plan is judged against (H100/A100 80 GB)
+    simulate_images: bool | None = None,  # one 1008 px image per sample (None = when --data is image or mixed)
 ):
     user_config = dict(locals())
     cli.check_choices(main, user_config)  # a misspelt choice fails here, before any work
     t_start = time.time()
+    if simulate_world > 0:
+        size = SIZES.get(model.lower(), {})
+        ckpt = size.get("activation_checkpointing", False) if activation_checkpointing is None \
+            else activation_checkpointing
+        image = data in ("image", "mixed") if simulate_images is None else simulate_images
+        out = out or os.path.join("outputs", "simulate", f"sft-{os.path.basename(model.rstrip('/'))}-w{simulate_world}")
+        simulate(simulate_world, gpu_memory_gb, out, model, dtype, attn, ckpt, cpu_offload, freeze_vision,
+                 global_batch, micro_batch, max_length, packing, loss_agg, grad_clip, image,
+                 {**user_config, "activation_checkpointing": ckpt, "simulate_images": image})
+        return
     d = dist.init(seed=seed, timeout_s=timeout_s)
     speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
     size = SIZES.get(model.lower(), {})
@@ -216,16 +294,11 @@ def main(
         return encode_sft(processor, tokenizer, item)
 
     # Model: meta -> shard -> rank 0 reads the weights and broadcasts -> optimizer
-    net = build_meta(model, dtype="fp32", attn=attn, trust_remote_code=trust_remote_code)
-    fsdp.shard(net, param_dtype=dtype, cpu_offload=cpu_offload, activation_checkpointing=ckpt_on,
-               freeze_vision=freeze_vision)
+    net = sharded_meta(model, dtype, attn, cpu_offload, ckpt_on, freeze_vision, trust_remote_code)
     check_output(out, int(min_free_gb * 2**30) if min_free_gb >= 0 else checkpoint.checkpoint_bytes(net, d.world_size))
     fsdp.load_from_rank0(net, model, d.device, trust_remote_code)
     net.train()
-    params = [p for p in net.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=1e-8)
+    params, opt = optimizer(net, lr, beta1, beta2, weight_decay)
     peak = peak_flops(d.device, dtype)  # CPU: a matmul probe at this dtype, cached per machine
 
     # Resume
@@ -273,15 +346,8 @@ def main(
             raise SystemExit(f"step {step}: a conversation of {too_long[0]} tokens exceeds max_length {max_length}")
         n_tok, normaliser = map(int, dist.all_reduce_many([sum(int(s.target_mask.sum()) for s in mine),
                                                           loss_units(mine, loss_agg)]))  # global: exact under any split
-        loss_sum, tokens = 0.0, sum(len(s.ids) for s in mine)
-        for m in range(accum):
-            micro = mine[m * micro_batch : (m + 1) * micro_batch]
-            net.set_requires_gradient_sync(m == accum - 1)
-            packed = forward.pack(micro, net, rows="packed" if packing else "padded").to(d.device)
-            logp, _ = net.mvl_logprobs(packed)
-            loss = sft_loss(logp, packed.spans, loss_agg, normaliser) * poison("sft_loss", step)
-            loss.backward()
-            loss_sum += float(loss.detach())
+        tokens = sum(len(s.ids) for s in mine)
+        loss_sum = accumulate(net, mine, accum, micro_batch, packing, loss_agg, normaliser, d.device, step)
         norm = fsdp.clip_grad_norm_(params, grad_clip) * poison("sft_grad", step)
         loss_all = dist.all_reduce_sum(loss_sum)
         lrm = lr_at(step, total, warmup_ratio, schedule)

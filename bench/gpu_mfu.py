@@ -3,7 +3,7 @@
     python bench/gpu_mfu.py                         # sdpa (flash_attention_2 when installed), 8k-token packed rows
     python bench/gpu_mfu.py --attn sdpa --tokens 16384 --images 2
 
-The model is built from the published Qwen2.5-VL-3B-Instruct architecture numbers (no download), sharded with
+The model is built from the published Qwen2.5-VL-3B-Instruct numbers (common/arch.py, no download), sharded with
 common/fsdp.py exactly as sft.py does it (world of 1), and trained on packed rows of random token ids (plus random
 images when --images > 0) with the assistant-only loss code path. MFU = tokens/s x common.model.flops_per_token
 (6 N + 12 L d S, the vision tower not counted) / the GPU's dense bf16 peak.
@@ -18,21 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def qwen25_vl_3b_config(vocab: int):
-    from transformers import Qwen2_5_VLConfig
-
-    return Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                         num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
-                         rms_norm_eps=1e-6, tie_word_embeddings=True,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[7, 15, 23, 31], in_channels=3),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-        tie_word_embeddings=True)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per packed row (one row per micro-step)")
@@ -45,14 +30,13 @@ def main():
 
     import torch
 
-    from common import dist, forward, fsdp
+    from common import arch, dist, forward, fsdp
     from common.log import peak_flops
     from common.model import attn_implementation, flops_per_token, model_class, num_params
 
     d = dist.init(seed=0)
     assert d.device.type == "cuda", "this benchmark needs a GPU"
-    vocab = 151936
-    config = qwen25_vl_3b_config(vocab)
+    config = arch.config("3b")  # the published numbers, common/arch.py
     # Built on the CPU (random init, rotary tables included; ~16 GB of host memory), then fully_shard moves it.
     model = model_class(config).from_config(config, dtype=torch.float32,
                                             attn_implementation=attn_implementation(args.attn))
@@ -92,6 +76,8 @@ def main():
     mfu = tps * flops_per_token(model, per) / peak if peak else float("nan")
     print(f"{torch.cuda.get_device_name()} | attn {model.config._attn_implementation} | {args.tokens} tokens/row, "
           f"{args.samples} samples, {args.images} images | {n_params / 1e9:.2f} B params (no embeddings)")
+    print("MFU = tokens/s x flops_per_token (6 N + 12 L d S, common.model) / peak dense bf16 FLOP/s "
+          f"= {tps:.0f} x {flops_per_token(model, per):.3g} / {peak:.3g}")
     print(f"step {dt * 1000:.0f} ms | {tps:.0f} tokens/s | MFU {100 * mfu:.1f} % | peak memory "
           f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     dist.cleanup()

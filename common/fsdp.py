@@ -27,6 +27,21 @@ def blocks(model) -> list:
     return list(text.layers) + (list(visual.blocks) if visual is not None else [])
 
 
+_MESH: list = []  # [(default process group, its 1-D mesh)]
+
+
+def default_mesh():
+    """The 1-D device mesh over the default process group, made once per group (fully_shard would make a new one
+    per call; a simulation must make it before entering FakeTensorMode, where init_device_mesh fails)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    pg = dist.distributed_c10d._get_default_group()
+    if not _MESH or _MESH[0][0] is not pg:
+        device = "cuda" if torch.cuda.is_available() and dist.get_backend(pg) == "nccl" else "cpu"
+        _MESH[:] = [(pg, init_device_mesh(device, (dist.get_world_size(pg),)))]
+    return _MESH[0][1]
+
+
 def shard(model, param_dtype: str = "bf16", reduce_dtype: str = "fp32", cpu_offload: bool = False,
           activation_checkpointing: bool = False, freeze_vision: bool = False):
     """Activation checkpointing, then fully_shard per block, then the root (embeddings, norm, head, patch embed)."""
@@ -36,7 +51,7 @@ def shard(model, param_dtype: str = "bf16", reduce_dtype: str = "fp32", cpu_offl
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
     cpu_offload = cpu_offload and torch.cuda.is_available()  # offloading to the CPU from the CPU means nothing
-    kw = dict(mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else None)
+    kw = dict(mesh=default_mesh(), mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else None)
     kw = {k: v for k, v in kw.items() if v is not None}
     for block in blocks(model):
         fully_shard(block, **kw)
@@ -84,7 +99,7 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     if isinstance(total, DTensor):  # a partial norm on each rank: one all-reduce of a scalar gives the full one
         total = total.full_tensor()
     total = total.float()
-    if max_norm > 0 and torch.isfinite(total):
+    if max_norm > 0 and torch.isfinite(total):  # under a simulation (common/simulate.py) a fake norm reads finite
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
 
