@@ -627,7 +627,8 @@ def pass_counts(path: str, grader: str = "inference") -> tuple[dict, int]:
     """{dataset_index: number of samples graded correct} and n (samples per item) from evaluate.py's items.jsonl.
 
     `path` is evaluate's output folder or its items.jsonl; every record is one sample, graded by every grader
-    (`correct_<grader>`); items whose generation failed are in failed.jsonl, not here, and count as not evaluated.
+    (field grading.verdict_field(grader)); items whose generation failed are in failed.jsonl, not here, and count as
+    not evaluated.
     Raises SystemExit when the file is missing, comes from a greedy run, has unreadable lines, lacks the grader's
     field, mixes sample counts, or holds one dataset_index under two dataset_names (pass counts are keyed by
     dataset_index, RECIPE §2.2)."""
@@ -641,7 +642,7 @@ def pass_counts(path: str, grader: str = "inference") -> tuple[dict, int]:
     records, bad = read_jsonl(path)
     if bad:  # evaluate.py writes this file whole when it finishes: a bad line is damage, not a kill
         raise SystemExit(f"{path}: {len(bad)} unreadable line(s), e.g. {bad[0]}")
-    field = "correct_" + grader
+    field = grading.verdict_field(grader)
     counts, n, names = Counter(), Counter(), {}
     for k, r in enumerate(records):
         if field not in r:
@@ -721,7 +722,7 @@ def sft(
         if bad:
             raise SystemExit(f"{traces}: {len(bad)} unreadable line(s), e.g. {bad[0]}")
         for r in records:
-            ok = r.get("correct", True)
+            ok = r.get(grading.verdict_field("lenient"), True)
             m = re.search(r"<think>(.*?)</think>", r.get("response", ""), re.DOTALL)
             if ok and m and r["dataset_index"] not in found:
                 found[r["dataset_index"]] = m.group(1).strip()

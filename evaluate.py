@@ -59,16 +59,11 @@ def majority_correct(letters: list, answer_label: str) -> bool:
     return bool(votes) and votes.most_common(1)[0][0] == answer_label
 
 
-def record_key(grader: str) -> str:
-    """The record field holding a grader's verdict: `correct` for the lenient regrader, else `correct_<grader>`."""
-    return "correct" if grader == "lenient" else f"correct_{grader}"
-
-
 def item_scores(records: list, grader: str = "lenient") -> dict:
     """{(benchmark, index): {run: [correct per sample]}} from per-sample records, under one grader
     (grading.GRADERS). SystemExit if a record lacks the grader's verdict (folders from older versions:
     `evaluate.py regrade` adds it). Failed generations are not records (failed.jsonl)."""
-    key = record_key(grader)
+    key = grading.verdict_field(grader)
     out = defaultdict(lambda: defaultdict(list))
     for r in records:
         if key not in r:
@@ -115,12 +110,12 @@ def summarise(records: list, n_boot: int = 1000, seed: int = 0, grader: str = "l
         keys = sorted(k for k in scores if k[0] == name)
         runs = sorted({run for k in keys for run in scores[k]})
         per_run = [100 * np.mean([np.mean(scores[k][run]) for k in keys if run in scores[k]]) for run in runs]
-        per_item = np.array([np.mean([np.mean(v) for v in scores[k].values()]) for k in keys]) * 100
+        per_item = np.array([grading.item_score(scores[k]) for k in keys]) * 100
         lo, hi, _ = bootstrap([per_item], n_boot, np.random.default_rng(seed))
         n = max(len(v) for k in keys for v in scores[k].values())
         entry = {"n_items": len(keys), "runs": per_run, "mean": float(np.mean(per_run)),
                  "std": float(np.std(per_run, ddof=1)) if len(per_run) > 1 else 0.0, "ci95": [lo, hi],
-                 "strict_mean": float(100 * np.mean([np.mean([np.mean(v) for v in strict[k].values()]) for k in keys])),
+                 "strict_mean": float(100 * np.mean([grading.item_score(strict[k]) for k in keys])),
                  "format_rate": float(100 * np.mean([r.get("format", False) for r in records if r["dataset_name"] == name])),
                  "samples_per_item": n}
         if n > 1:
@@ -133,8 +128,8 @@ def summarise(records: list, n_boot: int = 1000, seed: int = 0, grader: str = "l
                                                                for run in scores[key]]) for key in keys]))
         bench[name] = entry
     avg = float(np.mean([b["mean"] for b in bench.values()])) if bench else float("nan")
-    per_bench_items = [np.array([np.mean([np.mean(v) for v in scores[k].values()])
-                                 for k in sorted(k for k in scores if k[0] == name)]) * 100 for name in bench]
+    per_bench_items = [np.array([grading.item_score(scores[k]) for k in sorted(scores) if k[0] == name]) * 100
+                       for name in bench]
     avg_lo, avg_hi, _ = bootstrap(per_bench_items, n_boot, np.random.default_rng(seed))
     return {"benchmarks": bench, "avg": avg, "avg_ci95": [avg_lo, avg_hi], "grader": grader,
             "pass@k_grader": "inference", "majority_grader": "lenient",
@@ -185,13 +180,13 @@ def plot(summary: dict, path: str, title: str) -> None:
 
 
 def grade_record(rec: dict, options: dict) -> dict:
-    """Fill every grader's verdict (grading.GRADERS, field record_key(name)), the lenient extraction, its option
-    letter and the format check into a record holding a response."""
+    """Fill every grader's verdict (grading.GRADERS, field grading.verdict_field(name)), the lenient extraction, its
+    option letter and the format check into a record holding a response."""
     pred = grading.extract_lenient(rec["response"])
     rec["extracted"] = pred
     rec["letter"] = grading.option_letter(pred, options)
     for g, judge in grading.GRADERS.items():
-        rec[record_key(g)] = judge(rec["response"], rec["answer"], rec["answer_label"])
+        rec[grading.verdict_field(g)] = judge(rec["response"], rec["answer"], rec["answer_label"])
     rec["format"] = grading.format_ok(rec["response"])
     return rec
 
@@ -515,7 +510,7 @@ def compare(
     common = sorted(set(sa) & set(sb))
     if not common:
         raise SystemExit("the two folders share no (benchmark, index) items")
-    per = lambda s, k: float(np.mean([np.mean(v) for v in s[k].values()])) * 100  # noqa: E731
+    per = lambda s, k: grading.item_score(s[k]) * 100  # noqa: E731
     rng = np.random.default_rng(seed)
     table, diffs = [], []  # one named row per benchmark, then Avg.
     for name in ordered({k[0] for k in common}):
@@ -538,7 +533,8 @@ def compare(
               f"{r['p_le0']:.3f} |")
     out = out or os.path.join(b, "compare.html")
     report.write_compare(out, os.path.basename(a.rstrip("/")), os.path.basename(b.rstrip("/")), table, ra, rb,
-                         {**report.read_thumbs(a), **report.read_thumbs(b)}, key=record_key(grader), grader=grader)
+                         {**report.read_thumbs(a), **report.read_thumbs(b)}, key=grading.verdict_field(grader),
+                         grader=grader)
     print(f"wrote {out}")
 
 

@@ -28,11 +28,14 @@ import re
 import unicodedata
 from typing import Literal
 
+import numpy as np
+
 _ANSWER_PHRASES = [re.compile(p, re.IGNORECASE) for p in (r"answer:\s*(.*)", r"answer is:\s*(.*)",
                                                            r"answer is\s*(.*)", r"is:\s*(.*)")]
 _FIRST_LINE = re.compile(r"\s*([^\n\r]+)")
 _FORMAT_MIDDLE = re.compile(r"</think>\s*<answer>")
-_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+# What the reward and both graders read (RECIPE §4, §7.2); common.model keeps them through decoding.
+FORMAT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
 def _fold(s: str) -> str:
@@ -120,7 +123,7 @@ def extract_lenient(response: str) -> str:
             if hits:
                 pred = hits[-1]
                 break
-    for tag in _TAGS:
+    for tag in FORMAT_TAGS:
         pred = pred.replace(tag, "")
     return pred.strip()
 
@@ -142,4 +145,26 @@ Grader = Literal["lenient", "inference", "strict"]  # the names of GRADERS, for 
 GRADERS = {"lenient": lenient_correct, "inference": inference_correct,
            "strict": lambda response, answer, answer_label: strict_reward(response, answer, answer_label) == 1.0}
 """Every grader by name: response, answer, answer_label -> bool. evaluate.py's --grader and data_prep.py filter's
---grader pick from these; records store each verdict as `correct_<name>`, the lenient one as `correct`."""
+--grader pick from these; records store each verdict in the field verdict_field(name)."""
+
+
+def verdict_field(grader: str) -> str:
+    """The record field holding a grader's verdict: `correct` for the lenient regrader (the paper's tables), else
+    `correct_<grader>`. evaluate.py writes these fields; report.py and data_prep.py filter read them. KeyError for a
+    name that is not in GRADERS."""
+    if grader not in GRADERS:
+        raise KeyError(f"unknown grader {grader!r}; choose from {sorted(GRADERS)}")
+    return "correct" if grader == "lenient" else f"correct_{grader}"
+
+
+def item_score(runs: dict) -> float:
+    """An item's score in [0, 1]: the mean over runs of the mean over that run's samples of the verdicts,
+    `mean_r mean_s correct[r][s]`; runs: {run: [verdict per sample]} (bools or 0/1), none of them empty.
+
+    Runs weigh equally whatever their sample counts (an unbalanced folder, e.g. a resumed run, is not weighted by
+    samples). It is the per-item statistic of the paper's tables (RECIPE §7.1: accuracy per run, mean over runs),
+    which evaluate.py summarise and compare and report.py's flips all use.
+    ZeroDivisionError for no runs or an empty run."""
+    if any(len(v) == 0 for v in runs.values()) or not runs:
+        raise ZeroDivisionError("an item score needs at least one run and one sample in each run")
+    return float(np.mean([np.mean(np.asarray(v, dtype=float)) for v in runs.values()]))

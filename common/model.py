@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 from common import forward
+from common.grading import FORMAT_TAGS
 
 PRESETS = {
     "3b": "Qwen/Qwen2.5-VL-3B-Instruct",
@@ -25,9 +26,8 @@ Dtype = Literal["bf16", "fp16", "fp32"]  # the keys of DTYPES
 # auto = flash_attention_2 on a GPU where it imports, else sdpa; the rest are transformers' built-in names
 Attn = Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-# What the reward and both graders read (RECIPE §4, §7.2). Some reasoning tokenizers register these as special tokens;
-# they must survive decoding all the same.
-FORMAT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+# FORMAT_TAGS (common.grading, their one home): some reasoning tokenizers register them as special tokens; they must
+# survive decoding all the same.
 
 
 def resolve(name: str) -> str:

@@ -16,6 +16,7 @@ from collections import defaultdict
 import jinja2
 from PIL import Image
 
+from common import grading
 from common.files import atomic_file, read_jsonl
 
 THUMB_SIDE = 128  # px, longest side of a thumbnail (JPEG, quality 70: ~3 KB for a radiograph)
@@ -126,7 +127,7 @@ def write_eval(path: str, records: list, summary: dict, title: str, thumbs: dict
             index[item_key(r)] = len(items)
             items.append(item_entry(r, thumbs))
         rows.append({"k": index[item_key(r)], **sample_entry(r)})
-    main = "correct" if summary.get("grader", "lenient") == "lenient" else f"correct_{summary['grader']}"
+    main = grading.verdict_field(summary.get("grader", "lenient"))
     graders = sorted({g for r in rows for g in r["v"]}, key=lambda g: (g != main, g != "correct", g))  # the run's first
     data = {"items": items, "recs": rows, "graders": graders, "benchmarks": list(dict.fromkeys(i["b"] for i in items)),
             "runs": sorted({r["run"] for r in rows})}
@@ -134,17 +135,26 @@ def write_eval(path: str, records: list, summary: dict, title: str, thumbs: dict
 
 
 def item_scores(records: list, key: str = "correct") -> dict:
-    """{(dataset_name, dataset_index): (mean of `key` over runs and samples, first record by run then sample)}."""
+    """{(dataset_name, dataset_index): (grading.item_score of `key`, first record by run then sample)}: the mean over
+    runs of the mean over samples, the same per-item score as evaluate.py's tables, so compare's table and its flips
+    agree when runs are unbalanced. A record without `key` counts as wrong."""
     by_item = defaultdict(list)
     for r in records:
         by_item[item_key(r)].append(r)
     first = lambda rs: min(rs, key=lambda r: (r.get("run", 0), r.get("sample", 0)))  # noqa: E731
-    return {k: (sum(bool(r.get(key)) for r in rs) / len(rs), first(rs)) for k, rs in by_item.items()}
+    out = {}
+    for k, rs in by_item.items():
+        runs = defaultdict(list)
+        for r in rs:
+            runs[r.get("run", 0)].append(bool(r.get(key)))
+        out[k] = (grading.item_score(runs), first(rs))
+    return out
 
 
 def flips(records_a: list, records_b: list, key: str = "correct") -> list[dict]:
-    """Items both folders evaluated whose verdict differs: right = more than half of the item's runs x samples correct
-    under `key`. One {k: (bench, index), dir: 'wr' (wrong -> right in B) | 'rw', a/b: (score, first record)} each."""
+    """Items both folders evaluated whose verdict differs: right = an item score (item_scores, the mean over runs
+    of the mean over samples) above 0.5 under `key`. One {k: (bench, index), dir: 'wr' (wrong -> right in B) | 'rw',
+    a/b: (score, first record)} each."""
     sa, sb = item_scores(records_a, key), item_scores(records_b, key)
     out = []
     for k in sorted(set(sa) & set(sb), key=lambda k: (str(k[0]), k[1])):

@@ -14,7 +14,7 @@ import os
 import torch
 
 from common.files import atomic_dir
-from common.model import FORMAT_TAGS
+from common.grading import FORMAT_TAGS
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",

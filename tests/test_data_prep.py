@@ -219,6 +219,27 @@ def test_pass_counts_refuse_bad_input(tmp_path):
         dp.pass_counts(str(pr))
 
 
+def test_filter_reads_every_grader_of_an_evaluate_output(tmp_path, sample_data):
+    """filter --grader lenient once looked for `correct_lenient`, a field evaluate.py never writes (it writes `correct`):
+    every grader must read the field evaluate.py's grade_record wrote."""
+    import evaluate as ev
+    data, pr = os.path.join(sample_data, "text"), tmp_path / "pr"
+    idx = load_rows(data)["dataset_index"][:2]
+    right, wrong = "<think>x</think><answer>{}</answer>", "<think>x</think><answer>Z</answer>"
+    pr.mkdir()
+    with open(pr / "items.jsonl", "w") as f:  # item idx[0]: 3 of 4 right, idx[1]: 1 of 4, under every grader
+        for i, c in zip(idx, (3, 1)):
+            for j in range(4):
+                rec = {"dataset_name": "medqa", "dataset_index": i, "run": 0, "sample": j, "answer": "Yes",
+                       "answer_label": "A", "response": (right.format("A") if j < c else wrong)}
+                f.write(json.dumps(ev.grade_record(rec, {"A": "Yes", "B": "No"})) + "\n")
+    for grader in ("lenient", "inference", "strict"):
+        assert dp.pass_counts(str(pr), grader) == ({idx[0]: 3, idx[1]: 1}, 4)
+    dp.filter_set(data=data, passrate=str(pr), grader="lenient", out=str(tmp_path / "f"), min_pass=2, max_pass=3)
+    assert load_rows(str(tmp_path / "f"))["dataset_index"] == [idx[0]]
+    assert manifest(tmp_path / "f")["grader"] == "lenient"
+
+
 @pytest.mark.slow
 def test_passrate_with_smollm2(tmp_path, smollm2, sample_data):
     pr = tmp_path / "pr"

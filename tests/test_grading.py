@@ -154,3 +154,17 @@ def test_inference_grader_is_upstreams_first_block_dotall():
     for r in ["<answer>A</answer>", "<think>\n</think>\n<answer> a </answer>", "<answer>A\nB</answer>"]:
         m = re.search(r"<answer>(.*?)</answer>", r, re.S)
         assert ic(r, "x", "A") == g.grade_answer((m.group(1) if m else r).strip(), "x", "A")
+
+
+def test_verdict_field_is_the_one_evaluate_writes_and_refuses_unknown_graders():
+    assert {name: g.verdict_field(name) for name in g.GRADERS} == {
+        "lenient": "correct", "inference": "correct_inference", "strict": "correct_strict"}
+    with pytest.raises(KeyError, match="unknown grader 'lenien'"):
+        g.verdict_field("lenien")
+
+
+def test_item_score_is_the_mean_over_runs_of_the_mean_over_samples():
+    assert g.item_score({0: [True], 1: [True, False, False]}) == pytest.approx(2 / 3)
+    assert g.item_score({0: [1.0, 0.0]}) == 0.5
+    with pytest.raises(ZeroDivisionError):
+        g.item_score({0: []})

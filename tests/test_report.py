@@ -99,6 +99,18 @@ def test_flips_use_the_majority_verdict():
     assert got == {("b", 0): ("wr", 0.0, 0.67), ("b", 1): ("rw", 1.0, 0.33)}
 
 
+def test_flips_score_an_item_as_the_tables_do_with_unbalanced_runs():
+    """report.item_scores once took the flat mean over runs x samples, evaluate.py the mean over runs of the mean over
+    samples: with run 0 = [right], run 1 = [right, wrong, wrong] the table said 0.67 and the flips page 0.5."""
+    from common import grading
+    b = [record("b", 0, 0, responses(0))] + [{**record("b", 0, 1, responses(0 if s == 0 else 1)), "sample": s}
+                                             for s in range(3)]
+    a = [record("b", 0, r, responses(1)) for r in range(2)]
+    table = grading.item_score(evaluate.item_scores(b)[("b", 0)])
+    assert table == pytest.approx(2 / 3) and report.item_scores(b)[("b", 0)][0] == table
+    assert [(f["k"], f["dir"]) for f in report.flips(a, b)] == [(("b", 0), "wr")]
+
+
 def test_read_rollouts_keeps_the_last_line_of_a_step(tmp_path):
     path = tmp_path / "rollouts.jsonl"
     lines = [{"step": 2, "group": 0, "v": "old"}, {"step": 1, "group": 0, "v": "a"},
