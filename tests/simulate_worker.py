@@ -17,7 +17,7 @@ import sft  # noqa: E402
 from common import dist, fsdp  # noqa: E402
 from common import simulate as sim  # noqa: E402
 
-GLOBAL_BATCH, MICRO = 2, 1
+PER_RANK, MICRO = 2, 1  # samples per rank per step (global batch = PER_RANK x world), per micro-step
 
 
 def steps(d, phase, net_folder, max_length, watch=None):
@@ -34,8 +34,8 @@ def steps(d, phase, net_folder, max_length, watch=None):
     params, opt = sft.optimizer(net, 1e-5, 0.9, 0.95, 1e-4)
     if watch:
         watch(net, opt)
-    mine = [sim.segment(net, max_length, True, target_from=max_length // 4) for _ in range(GLOBAL_BATCH // d.world_size)]
-    accum = sft.batch_plan(GLOBAL_BATCH, MICRO, d.world_size)
+    mine = [sim.segment(net, max_length, True, target_from=max_length // 4) for _ in range(PER_RANK)]
+    accum = sft.batch_plan(PER_RANK * d.world_size, MICRO, d.world_size)
     normaliser = sft.loss_units(mine, "seq-mean-token-mean") * d.world_size
     for step in range(2):
         with phase("forward_backward"):
