@@ -38,10 +38,9 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from common import cli, grading, prompts
-from common.data import (RowError, bound_image, data_root, features, load_image, load_rows, parse_row, to_row,
+from common.data import (RowError, bound_image, data_root, features, load_image, load_rows, parse_row, reason_kind, to_row,
                          undecoded)
 from common.files import atomic_dir, iter_jsonl, read_jsonl, write_json, write_jsonl
-from common.sample_facts import FACTS
 
 # -----------------------------------------------------------------------------------------------------------------
 # Rule-based options for closed VQA questions
@@ -350,9 +349,20 @@ def sample_image_items(rng: random.Random, n: int) -> list:
     return out
 
 
+# Basic medical-knowledge MCQs written for this project's bundled sample set (not taken from any dataset): each entry
+# has a question, its correct answer, three distractors and a short reasoning trace.
+SAMPLE_FACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "sample_facts.json")
+
+
 def sample_text_items(rng: random.Random) -> list:
+    """The sample set's text rows from SAMPLE_FACTS, the correct answer at a seeded position among the options."""
+    if not os.path.exists(SAMPLE_FACTS):
+        raise SystemExit(f"{SAMPLE_FACTS} is missing: copy assets/ with data_prep.py (the sample set's questions)")
+    with open(SAMPLE_FACTS, encoding="utf-8") as f:
+        facts = json.load(f)
     out = []
-    for i, (q, correct, wrong, why) in enumerate(FACTS):
+    for i, fact in enumerate(facts):
+        q, correct, wrong, why = fact["question"], fact["answer"], fact["distractors"], fact["reasoning"]
         choices = wrong[:]
         pos = rng.randrange(4)
         choices.insert(pos, correct)
@@ -381,11 +391,6 @@ def _process(raw, root, bound, counter):
         return (to_row(item), counter(item) if counter else -1), None
     except RowError as e:
         return None, str(e)
-
-
-def reason_kind(reason: str) -> str:
-    """A reject reason with its row-specific values blanked, for counting."""
-    return re.sub(r"'[^']*'|\"[^\"]*\"|\b\d+\b", "_", reason)[:80]
 
 
 @functools.lru_cache(maxsize=2)

@@ -31,10 +31,10 @@ import numpy as np
 from tqdm import tqdm
 
 from common import cli, dist, grading, prompts, report, speed
-from common.data import RowError, column, data_root, load_image, load_rows, parse_row, read_row
+from common.data import RowError, admit_row, column, data_root, load_image, load_rows, mix_seed, reason_kind, read_row
 from common.faults import crash_point
 from common.files import atomic_file, check_output, read_jsonl, repair_tail, write_json, write_jsonl
-from common.generate import HFEngine, Prompt, generate_each, pick_engine, row_seed
+from common.generate import HFEngine, Prompt, generate_each, pick_engine
 from common.vllm_engine import VLLMEngine
 from common.model import Attn, Dtype, control_strings, load_model, load_processor, resolve
 
@@ -286,9 +286,7 @@ def check_rows(rows, picked: list, names: list, root, processor, control: list, 
         row = {}
         try:
             row = read_row(rows, i)
-            item = parse_row(row, root, control=control)
-            if item.images and processor is None:
-                raise RowError("item has images but the model is text-only")
+            item = admit_row(rows, i, root, control, text_only=processor is None, row=row)
             if report_page:
                 thumbs += [(i, t) for t in report.thumb_records([item])]
             item.extra["row"], item.images = i, [None] * len(item.images)
@@ -422,7 +420,7 @@ def main(
     with open(shard, "a") as f, open(fail_shard, "a") as fail:
         for run, batch in todo:
             ps = [Prompt(prompts.prompt_text(processor, tokenizer, it), images_of(rows, it, root)) for it in batch]
-            seeds = [row_seed(seed * 1_000_003 + run, hash_key(it.dataset_name, it.dataset_index)) for it in batch]
+            seeds = [mix_seed(mix_seed(seed, run), hash_key(it.dataset_name, it.dataset_index)) for it in batch]
             outs = generate_each(gen, ps, seeds, n=samples, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens)
             for it, got in zip(batch, outs):
@@ -454,7 +452,7 @@ def main(
         n_gen = sum(len(b) for _, b in todo)
         summary = finish(out, records, name, n_boot, {
             "model": model, "data": data, "skipped_rows": len(rejects),
-            "skip_reasons": dict(Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects)),
+            "skip_reasons": dict(Counter(reason_kind(r["reason"]) for r in rejects)),
             "failed_items": len({(r["dataset_name"], r["dataset_index"]) for r in failed}),
             "fail_reasons": dict(Counter(r["error"].split(":")[0] for r in failed)),
             "items_per_second": n_gen / elapsed if elapsed > 0 and n_gen else None,

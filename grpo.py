@@ -45,10 +45,10 @@ from typing import Literal
 import torch
 
 from common import checkpoint, cli, dist, forward, fsdp, grading, prompts, report, speed
-from common.data import RowError, data_root, load_rows, parse_row, read_row
+from common.data import RowError, admit_row, data_root, load_rows, mix_seed, reason_kind
 from common.faults import crash_point, poison
 from common.files import check_output, repair_tail, write_json
-from common.generate import HFEngine, Prompt, Sample, encode, pick_engine, row_seed
+from common.generate import HFEngine, Prompt, Sample, encode, pick_engine
 from common.vllm_engine import VLLMEngine
 from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
 from common.model import Attn, Dtype, build_meta, control_strings, flops_per_token, load_processor, resolve
@@ -268,7 +268,7 @@ def micro_loss(net, episodes: list, old_lp: list | None, ref_lp: list | None, no
 
 def usable_rows(rows, max_prompt_length: int, processor, tokenizer, root: str | None, d) -> tuple[list, dict]:
     """Indices of the rows this model can train on, and {reason: count} for the rest, decided before step 1 so that
-    no step stops on a bad row. A row is skipped when it does not parse (common.data.parse_row, the model's own
+    no step stops on a bad row. A row is skipped when it does not parse (common.data.admit_row, the model's own
     control tokens included), has images for a text-only model, or is over-long: its prompt, rendered with the
     real chat template and counted with the processor's image tokens (prompts.prompt_tokens, the count sft.py
     and data_prep.py use), is longer than max_prompt_length (RECIPE §6.1: 2048). Every image is read once here;
@@ -277,15 +277,13 @@ def usable_rows(rows, max_prompt_length: int, processor, tokenizer, root: str | 
     usable, skipped = [], Counter()
     for i in range(d.rank, len(rows), d.world_size):
         try:
-            item = parse_row(read_row(rows, i), root, control=control)
-            if item.images and processor is None:
-                raise RowError("has images but the model is text-only")
+            item = admit_row(rows, i, root, control, text_only=processor is None)
             n = prompts.prompt_tokens(processor, tokenizer, item)
             if n > max_prompt_length:
                 raise RowError(f"over-long: prompt of {n} tokens > max_prompt_length {max_prompt_length}")
             usable.append(i)
         except RowError as e:
-            skipped[str(e).split(":")[0][:60]] += 1
+            skipped[reason_kind(str(e))] += 1
     gathered = dist.all_gather_objects((usable, skipped))
     return sorted(i for u, _ in gathered for i in u), dict(sum((Counter(s) for _, s in gathered), Counter()))
 
@@ -294,7 +292,7 @@ def step_rows(step: int, usable: list, steps_per_epoch: int, train_batch: int, s
     """The `train_batch` row indices of a step, all ranks together: each epoch is a seeded permutation (or the stored
     easy-to-hard order when not shuffled), cut into consecutive steps (drop_last, as verl's sampler)."""
     epoch, k = divmod(step, steps_per_epoch)
-    order = random.Random(data_seed * 1_000_003 + epoch).sample(usable, len(usable)) if shuffle else usable
+    order = random.Random(mix_seed(data_seed, epoch)).sample(usable, len(usable)) if shuffle else usable
     return order[k * train_batch : (k + 1) * train_batch]
 
 
@@ -303,11 +301,9 @@ def make_episodes(rows, idx: list, root: str, processor, tokenizer, max_prompt_l
     eps, control = [], control_strings(tokenizer)
     for i in idx:
         try:
-            item = parse_row(rows[i], root, control=control)
+            item = admit_row(rows, i, root, control, text_only=processor is None)
         except RowError as e:  # data_prep.py validates images; a file broken since then stops the run here
             raise SystemExit(f"row {i} of {src}: {e}") from None
-        if item.images and processor is None:
-            raise SystemExit(f"row {i} of {src} has images but the model is text-only")
         p = Prompt(prompts.prompt_text(processor, tokenizer, item), item.images)
         encode(processor, tokenizer, p)
         if len(p.segment.ids) > max_prompt_length:
@@ -423,12 +419,9 @@ def validate(llm, net, val_data: str, val_limit: int, seed: int, new_tokens: int
     eps, skipped, failed = [], 0, 0
     for i in range(d.rank, min(len(vrows), val_limit), d.world_size):
         try:
-            it = parse_row(vrows[i], vroot, control=control)
+            it = admit_row(vrows, i, vroot, control, text_only=processor is None)
         except RowError:
             skipped += 1  # bad rows are data_prep.py's to report
-            continue
-        if it.images and processor is None:
-            skipped += 1
             continue
         try:
             p = Prompt(prompts.prompt_text(processor, tokenizer, it), it.images)
@@ -438,7 +431,7 @@ def validate(llm, net, val_data: str, val_limit: int, seed: int, new_tokens: int
             print(f"validation row {i} of {val_data} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
         eps.append(Episode(it, p))
-    outs = rollout(llm, net, eps, [row_seed(seed, ep.item.dataset_index) for ep in eps],
+    outs = rollout(llm, net, eps, [mix_seed(seed, ep.item.dataset_index) for ep in eps],
                    dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=new_tokens))
     acc = sum(grading.lenient_correct(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
     rew = sum(grading.strict_reward(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
@@ -629,20 +622,10 @@ def save(out: str, step: int, fresh: bool, net, opt, processor, tokenizer, user_
          keep: int = -1) -> None:
     """A DCP checkpoint (not rewritten for the step a run resumed from; only the newest `keep` stay, < 1 = all) and
     an HF export, then `final` -> it."""
-    name = f"step_{step:06d}"
-    if fresh:
-        saved = checkpoint.save(os.path.join(out, "ckpt"), step, net, opt, {"user_config": user_config})
-        if is_main:
-            checkpoint.prune(os.path.join(out, "ckpt"), keep, saved, report=dist.print0)
-    if fresh or not os.path.exists(os.path.join(out, name, "meta.json")):  # a kill may have cut the export
-        checkpoint.export_hf(net, os.path.join(out, name), processor, tokenizer,
-                             {"stage": "grpo", "step": step, "user_config": user_config, "git": git_sha()},
-                             dtype=torch.bfloat16 if dtype == "bf16" else None)
-    if is_main:
-        link = os.path.join(out, "final")
-        if os.path.lexists(link):
-            os.remove(link)
-        os.symlink(name, link)
+    checkpoint.save_step(out, step, net, opt, fresh=fresh, state={"user_config": user_config}, keep=keep,
+                         is_main=is_main, export=f"step_{step:06d}", processor=processor, tokenizer=tokenizer,
+                         meta={"stage": "grpo", "step": step, "user_config": user_config, "git": git_sha()},
+                         dtype=dtype, link_final=True, report=dist.print0)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -809,7 +792,7 @@ def main(
     while True:
         last_step = step >= total
         if val_data and validation_due(step, start_step, last_step, val_every, val_before_train):
-            v = validate(llm, net, val_data=val_data, val_limit=val_limit, seed=row_seed(seed, -1 - step),
+            v = validate(llm, net, val_data=val_data, val_limit=val_limit, seed=mix_seed(seed, -1 - step),
                          new_tokens=val_max_new_tokens, processor=processor, tokenizer=tokenizer, d=d)
             log.log(step, v, val_line(step, v))
         if step > 0 and (last_step or (save_every and step % save_every == 0)):
@@ -826,7 +809,7 @@ def main(
         idx = step_rows(step, usable, steps_per_epoch, train_batch, shuffle, data_seed)
         eps = make_episodes(rows, idx[d.rank * layout.local_prompts : (d.rank + 1) * layout.local_prompts], root,
                             processor, tokenizer, max_prompt_length, src)
-        outs = rollout(llm, net, eps, [row_seed(row_seed(seed, step), ep.item.dataset_index) for ep in eps], sampling)
+        outs = rollout(llm, net, eps, [mix_seed(mix_seed(seed, step), ep.item.dataset_index) for ep in eps], sampling)
         for ep, samples in zip(eps, outs):
             ep.samples = samples
         times["rollout"] = time.time() - t0

@@ -29,10 +29,9 @@ import torch
 from tqdm import tqdm
 
 from common import checkpoint, cli, dist, forward, fsdp, prompts, speed
-from common.data import RowError, data_root, load_rows, parse_row
+from common.data import RowError, admit_row, data_root, load_rows, mix_seed, reason_kind
 from common.faults import crash_point, poison
 from common.files import check_output, write_json
-from common.generate import encode_sft
 from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
 from common.model import Attn, Dtype, build_meta, control_strings, flops_per_token, load_processor, resolve
 
@@ -70,10 +69,38 @@ def batch_plan(global_batch: int, micro_batch: int, world: int) -> int:
 def step_indices(n: int, step: int, steps_per_epoch: int, global_batch: int, seed: int, rank: int, world: int):
     """Row indices of this rank's share of optimizer step `step`: a seeded permutation per epoch, remainder dropped."""
     epoch, k = divmod(step, steps_per_epoch)
-    perm = random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
+    perm = random.Random(mix_seed(seed, epoch)).sample(range(n), n)
     batch = perm[k * global_batch : (k + 1) * global_batch]
     per = global_batch // world
     return batch[rank * per : (rank + 1) * per]
+
+
+def encode_sft(processor, tokenizer, item) -> forward.Segment:
+    """The conversation `prompt + <think> {reasoning} </think>\\n<answer> {label} </answer><|im_end|>\\n` as one
+    Segment whose target_mask covers exactly the assistant tokens (the generation prompt itself is not a target)."""
+    vl = processor is not None
+    prompt = prompts.prompt_text(processor, tokenizer, item)
+    full = prompts.prompt_text(processor, tokenizer, item, prompts.sft_target(item.reasoning or "", item.answer_label))
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently inside the full conversation")
+    if vl:
+        enc = processor(text=[full], images=item.images or None, return_tensors="pt")
+        ids, pix, grid = enc["input_ids"][0], enc.get("pixel_values"), enc.get("image_grid_thw")
+    else:
+        ids, pix, grid = tokenizer(full, return_tensors="pt", add_special_tokens=False)["input_ids"][0], None, None
+    # prompt length = its text tokens + the extra <|image_pad|> copies the processor inserted per image
+    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    n_prompt = len(head) + prompts.image_tokens(processor, item.images) - len(item.images)
+    if vl and grid is not None:  # collapse the expanded pads to compare token by token
+        pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        got = [t for k, t in enumerate(ids[:n_prompt].tolist()) if not (t == pad and k > 0 and ids[k - 1] == pad)]
+    else:
+        got = ids[:n_prompt].tolist()
+    if got != head:
+        raise ValueError("prompt tokens differ inside the full conversation (a merge across the turn boundary)")
+    mask = torch.zeros(len(ids), dtype=torch.bool)
+    mask[n_prompt:] = True
+    return forward.Segment(ids, pix, grid, target_mask=mask)
 
 
 def conversation_tokens(processor, tokenizer, item, prompt_tokens: int | None = None) -> int:
@@ -262,17 +289,15 @@ def main(
         for i, row in enumerate(tqdm(ds.select_columns(cols), desc=f"check {src}", unit="row", disable=not d.is_main,
                                      dynamic_ncols=True)):
             try:
-                item = parse_row(row, need_images=False, control=control)
+                item = admit_row(ds, i, control=control, text_only=processor is None, need_images=False, row=row)
                 if not (item.reasoning or "").strip():
                     raise RowError("no reasoning trace")
-                if processor is None and "images" in ds.column_names and ds[i]["images"]:
-                    raise RowError("has images but the model is text-only")
                 n = conversation_tokens(processor, tokenizer, item, row.get("prompt_tokens"))
                 if n > max_length:
                     raise RowError(f"longer than max_length ({n} > {max_length} tokens)")
                 index.append((t, i))
             except RowError as e:
-                key = str(e).split(":")[0][:60]
+                key = reason_kind(str(e))
                 skipped[key] = skipped.get(key, 0) + 1
     if skipped and d.is_main:
         print(f"skipped rows: {skipped}", flush=True)
@@ -288,7 +313,7 @@ def main(
         t, i = index[k]
         src, ds = tables[t]
         try:
-            item = parse_row(ds[i], data_root(src))
+            item = admit_row(ds, i, data_root(src))
         except RowError as e:  # text fields were checked up front; an image that broke since then stops the run
             raise SystemExit(f"row {i} of {src}: {e}") from None
         return encode_sft(processor, tokenizer, item)
@@ -317,23 +342,14 @@ def main(
         epoch_end = step > 0 and step % steps_per_epoch == 0
         fresh = step != start_step  # the checkpoint we resumed from is not written again
         if step > 0 and (epoch_end or last_step or (save_every and step % save_every == 0)):
-            if fresh:
-                saved = checkpoint.save(os.path.join(out, "ckpt"), step, net, opt, {"epoch": step / steps_per_epoch,
-                                                                                    "user_config": user_config})
-                if d.is_main:
-                    checkpoint.prune(os.path.join(out, "ckpt"), keep_checkpoints, saved, report=dist.print0)
             name = f"epoch_{step // steps_per_epoch}" if epoch_end else f"step_{step:06d}"
-            if ((epoch_end and export_every_epoch) or last_step) and (
-                    fresh or not os.path.exists(os.path.join(out, name, "meta.json"))):
-                checkpoint.export_hf(net, os.path.join(out, name), processor, tokenizer,
-                                     {"stage": "sft", "step": step, "epoch": step / steps_per_epoch,
-                                      "user_config": user_config, "git": git_sha()},
-                                     dtype=torch.bfloat16 if dtype == "bf16" else None)
-            if last_step and d.is_main:
-                link = os.path.join(out, "final")
-                if os.path.lexists(link):
-                    os.remove(link)
-                os.symlink(name, link)
+            checkpoint.save_step(
+                out, step, net, opt, fresh=fresh, state={"epoch": step / steps_per_epoch, "user_config": user_config},
+                keep=keep_checkpoints, is_main=d.is_main,
+                export=name if (epoch_end and export_every_epoch) or last_step else None, processor=processor,
+                tokenizer=tokenizer, dtype=dtype, link_final=last_step, report=dist.print0,
+                meta={"stage": "sft", "step": step, "epoch": step / steps_per_epoch, "user_config": user_config,
+                      "git": git_sha()})
         if last_step:
             break
         crash_point("sft_step")

@@ -9,7 +9,7 @@ when present, else the bundled ones, rendered with the recipe's prompt), same re
 Same work on both sides: TRL's configs default to bf16=True (autocast) and gradient_checkpointing=True even with
 use_cpu=True, so both are set here explicitly to match grpo.py: `--dtype auto` = bf16 where the CPU has native bf16
 (avx512_bf16 / amx_bf16), else fp32; activation checkpointing off. Each side's *effective* dtype is then read from
-the running process (every linear matmul counted by output dtype, autocast included: common/speed.py) and printed;
+the running process (every linear matmul counted by output dtype, autocast included: bench/matmuls.py) and printed;
 when the two differ, the bench prints no ratio and exits 1.
 Reported: median seconds per step over the steps after the `--warmup` steps, grpo.py's phases and its update-phase
 MFU against this machine's measured matmul peak, and the ratio (target <= 0.2x of TRL's time).
@@ -30,15 +30,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # Runs a script as `python script.py ...` would, with every linear matmul counted (argv[1] = where the counts go).
-WATCHED = ("import runpy, sys; from common import speed; speed.watch_matmuls(sys.argv[1]); sys.argv = sys.argv[2:]; "
+WATCHED = ("import runpy, sys; from bench import matmuls; matmuls.watch_matmuls(sys.argv[1]); sys.argv = sys.argv[2:]; "
            "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 TRL_SCRIPT = r'''
 import json, sys, time, torch
 A = json.loads(sys.argv[1])
 sys.path.insert(0, A["root"])
-from common import speed
-calls, _ = speed.watch_matmuls()
+from bench import matmuls
+calls, _ = matmuls.watch_matmuls()
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
@@ -129,7 +129,7 @@ def main():
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     rows = [r for r in rows if "reward" in r][-args.steps:]  # training steps only
     ours = [sum(v for k, v in r.items() if k.startswith("time/")) for r in rows]
-    ours_dtype, ours_detail = speed.matmul_dtype(json.load(open(seen)))
+    ours_dtype, ours_detail = matmuls.matmul_dtype(json.load(open(seen)))
     # TRL
     a = {"root": ROOT, "data": data, "model": model, "out": os.path.join(args.work, "grpo_trl"), "steps": args.steps,
          "dtype": dtype, "micro": args.trl_micro}
@@ -141,7 +141,7 @@ def main():
         raise SystemExit(p.stdout[-3000:] + p.stderr[-3000:])
     res = json.loads(p.stdout.split("RESULT ")[1].splitlines()[0])
     trl = res["times"]
-    trl_dtype, trl_detail = speed.matmul_dtype(res["calls"])
+    trl_dtype, trl_detail = matmuls.matmul_dtype(res["calls"])
 
     mo, mt = statistics.median(ours[args.warmup:]), statistics.median(trl[args.warmup:])
     steps = f"steps {args.warmup + 1}..{args.steps}"
@@ -161,7 +161,7 @@ def main():
     mfu = [r["mfu_update"] for r in timed if r.get("mfu_update") is not None]
     print(f"grpo.py phases (s, median of {steps}): {phases}"
           + (f"; update-phase MFU {100 * statistics.median(mfu):.1f} % of the measured {dtype} peak" if mfu else ""))
-    ratio, why = speed.same_dtype_ratio(mo, mt, ours_dtype, trl_dtype)
+    ratio, why = matmuls.same_dtype_ratio(mo, mt, ours_dtype, trl_dtype)
     if ratio is None:
         print(why)
         raise SystemExit(1)

@@ -9,7 +9,7 @@ on the completion only. Global batch 8 samples; ours packs them into one padding
 Same work on both sides: TRL's configs default to bf16=True (autocast) and gradient_checkpointing=True even with
 use_cpu=True, so both are set here explicitly to match sft.py: `--dtype auto` = bf16 where the CPU has native bf16
 (avx512_bf16 / amx_bf16), else fp32; activation checkpointing off. Each side's *effective* dtype is then read from
-the running process (every linear matmul counted by output dtype, autocast included: common/speed.py) and printed;
+the running process (every linear matmul counted by output dtype, autocast included: bench/matmuls.py) and printed;
 when the two differ, the bench prints no ratio and exits 1.
 Reported: median real (non-pad) tokens per second over the optimizer steps after the `--warmup` steps, sft.py's MFU
 against this machine's measured matmul peak, and the ratio.
@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # Runs a script as `python script.py ...` would, with every linear matmul counted (argv[1] = where the counts go).
-WATCHED = ("import runpy, sys; from common import speed; speed.watch_matmuls(sys.argv[1]); sys.argv = sys.argv[2:]; "
+WATCHED = ("import runpy, sys; from bench import matmuls; matmuls.watch_matmuls(sys.argv[1]); sys.argv = sys.argv[2:]; "
            "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 TRL_SCRIPT = r'''
@@ -36,8 +36,8 @@ import json, sys, time, torch
 A = json.loads(sys.argv[1])
 ROOT, DATA, MODEL, OUT, GB, STEPS = A["root"], A["data"], A["model"], A["out"], A["gb"], A["steps"]
 sys.path.insert(0, ROOT)
-from common import speed
-calls, _ = speed.watch_matmuls()
+from bench import matmuls
+calls, _ = matmuls.watch_matmuls()
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
@@ -113,7 +113,7 @@ def main():
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))][-args.steps:]
     ours_tps = [r["tokens_per_s"] for r in rows]
     ours_mfu = [r["mfu"] for r in rows[args.warmup:] if r.get("mfu") is not None]
-    ours_dtype, ours_detail = speed.matmul_dtype(json.load(open(seen)))
+    ours_dtype, ours_detail = matmuls.matmul_dtype(json.load(open(seen)))
     # TRL
     a = {"root": ROOT, "data": data, "model": model, "out": os.path.join(args.work, "sft_trl"),
          "gb": args.global_batch, "steps": args.steps, "dtype": dtype}
@@ -125,7 +125,7 @@ def main():
         raise SystemExit(p.stdout[-3000:] + p.stderr[-3000:])
     res = json.loads(p.stdout.split("RESULT ")[1].splitlines()[0])
     trl_tps = [n / s for n, s in zip(res["tokens"], res["times"])]
-    trl_dtype, trl_detail = speed.matmul_dtype(res["calls"])
+    trl_dtype, trl_detail = matmuls.matmul_dtype(res["calls"])
 
     ours, trl = statistics.median(ours_tps[args.warmup:]), statistics.median(trl_tps[args.warmup:])
     steps = f"steps {args.warmup + 1}..{args.steps}"
@@ -140,7 +140,7 @@ def main():
     print(f"matmuls seen: sft.py: {ours_detail}\n              TRL: {trl_detail}")
     if ours_mfu:
         print(f"sft.py MFU (median of {steps}): {100 * statistics.median(ours_mfu):.1f} % of the measured {dtype} peak")
-    ratio, why = speed.same_dtype_ratio(ours, trl, ours_dtype, trl_dtype)
+    ratio, why = matmuls.same_dtype_ratio(ours, trl, ours_dtype, trl_dtype)
     if ratio is None:
         print(why)
         raise SystemExit(1)

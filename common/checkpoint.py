@@ -214,3 +214,26 @@ def export_hf(model, folder: str, processor=None, tokenizer=None, meta: dict | N
     if dist.is_initialized():
         dist.barrier()
     return folder
+
+
+def save_step(out: str, step: int, model, optimizer, *, fresh: bool, state: dict, keep: int, is_main: bool,
+              export: str | None = None, processor=None, tokenizer=None, meta: dict | None = None,
+              dtype: str = "fp32", link_final: bool = False, report=print) -> None:
+    """One save of a training run at `step`, the way sft.py and grpo.py publish: the resumable DCP checkpoint
+    out/ckpt/step_NNNNNN (`state` in its state.json; skipped when not `fresh`, i.e. for the step the run resumed
+    from), then only the newest `keep` checkpoints stay (< 1 = all, verl's max_actor_ckpt_to_keep); the HF export
+    out/`export` (none when None; when not fresh, written again only if a kill cut it: no meta.json), in bf16 when
+    the run computes in bf16, else fp32; and, when `link_final`, out/final -> the export. Collective: every rank
+    calls it."""
+    if fresh:
+        saved = save(os.path.join(out, "ckpt"), step, model, optimizer, state)
+        if is_main:
+            prune(os.path.join(out, "ckpt"), keep, saved, report=report)
+    if export is not None and (fresh or not os.path.exists(os.path.join(out, export, "meta.json"))):
+        export_hf(model, os.path.join(out, export), processor, tokenizer, meta,
+                  dtype=torch.bfloat16 if dtype == "bf16" else None)
+    if export is not None and link_final and is_main:
+        link = os.path.join(out, "final")
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(export, link)

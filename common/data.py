@@ -100,6 +100,46 @@ def read_row(rows, i: int) -> dict:
         raise RowError("unreadable row: " + re.sub(r" object at 0x[0-9a-f]+", " object", str(e))) from None
 
 
+TEXT_ONLY = "has images but the model is text-only"
+
+
+def admit_row(rows, i: int, root: str | None = None, control: frozenset = frozenset(), text_only: bool = False,
+              need_images: bool = True, row: dict | None = None) -> "Item":
+    """The one admission check for row `i` of `rows` that sft, grpo (training and validation) and evaluate each run
+    before using it: read it (read_row, unless the caller already holds it as `row`), validate it (parse_row, the
+    model's own control strings in `control` refused), and refuse images when the model is `text_only` (no
+    processor). Raises RowError with the reason; each caller keeps its own policy for a failure (count and skip, or
+    stop). need_images=False decodes no image; the text-only check then looks the row's image list up in `rows`."""
+    item = parse_row(read_row(rows, i) if row is None else row, root, need_images=need_images, control=control)
+    if text_only and (item.images if need_images else _lists_images(rows, i)):
+        raise RowError(TEXT_ONLY)
+    return item
+
+
+def _lists_images(rows, i: int) -> bool:
+    """Whether row i of `rows` lists any image (datasets decodes only that row's, once)."""
+    if isinstance(rows, JsonlRows):
+        return isinstance(rows.rows[i], dict) and bool(rows.rows[i].get("images"))
+    return "images" in rows.column_names and bool(rows.select_columns(["images"])[i]["images"])
+
+
+def reason_kind(reason: str) -> str:
+    """A reject reason with its row-specific values (quoted strings, numbers) blanked to "_", for counting: the one
+    spelling of "how many rows were skipped for what" in data_prep's manifest, sft's and grpo's skip lines and
+    evaluate's summary. E.g. "over-long: prompt of 3012 tokens > max_prompt_length 2048" ->
+    "over-long: prompt of _ tokens > max_prompt_length _"."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"|\b\d+\b", "_", reason)[:80]
+
+
+def mix_seed(seed: int, counter: int) -> int:
+    """A 63-bit seed for (seed, counter), the one seed mixer: splitmix64 of the pair (Steele et al. 2014), stable
+    across Python runs (hash() is salted). Used for per-epoch data orders and per-(prompt, sample) rollout seeds."""
+    x = (seed * 0x9E3779B97F4A7C15 + counter + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
 def load_rows(source: str, split: str = "test", decode_images: bool = True):
     """Rows from a save_to_disk folder, parquet file/folder, jsonl file (line by line), json file, or a hub id.
     decode_images=False gives image cells as {'bytes', 'path'} (see undecoded). A source that cannot be read at all

@@ -33,6 +33,7 @@ import torch
 from transformers import DynamicCache
 
 from common import dist, forward, fsdp, prompts
+from common.data import mix_seed
 from common.model import banned_token_ids, decode_response, response_drop_ids, stop_token_ids
 
 
@@ -63,42 +64,6 @@ def encode(processor, tokenizer, prompt: Prompt) -> forward.Segment:
             prompt.segment = forward.Segment(tokenizer(prompt.text, return_tensors="pt", add_special_tokens=False)[
                 "input_ids"][0])
     return prompt.segment
-
-
-def encode_sft(processor, tokenizer, item) -> forward.Segment:
-    """The conversation `prompt + <think> {reasoning} </think>\\n<answer> {label} </answer><|im_end|>\\n` as one
-    Segment whose target_mask covers exactly the assistant tokens (the generation prompt itself is not a target)."""
-    vl = processor is not None
-    prompt = prompts.prompt_text(processor, tokenizer, item)
-    full = prompts.prompt_text(processor, tokenizer, item, prompts.sft_target(item.reasoning or "", item.answer_label))
-    if not full.startswith(prompt):
-        raise ValueError("the chat template renders the prompt differently inside the full conversation")
-    if vl:
-        enc = processor(text=[full], images=item.images or None, return_tensors="pt")
-        ids, pix, grid = enc["input_ids"][0], enc.get("pixel_values"), enc.get("image_grid_thw")
-    else:
-        ids, pix, grid = tokenizer(full, return_tensors="pt", add_special_tokens=False)["input_ids"][0], None, None
-    # prompt length = its text tokens + the extra <|image_pad|> copies the processor inserted per image
-    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    n_prompt = len(head) + prompts.image_tokens(processor, item.images) - len(item.images)
-    if vl and grid is not None:  # collapse the expanded pads to compare token by token
-        pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        got = [t for k, t in enumerate(ids[:n_prompt].tolist()) if not (t == pad and k > 0 and ids[k - 1] == pad)]
-    else:
-        got = ids[:n_prompt].tolist()
-    if got != head:
-        raise ValueError("prompt tokens differ inside the full conversation (a merge across the turn boundary)")
-    mask = torch.zeros(len(ids), dtype=torch.bool)
-    mask[n_prompt:] = True
-    return forward.Segment(ids, pix, grid, target_mask=mask)
-
-
-def row_seed(seed: int, sample: int) -> int:
-    """A 63-bit seed for one (prompt, sample) row: splitmix64 of the pair, stable across Python runs."""
-    x = (seed * 0x9E3779B97F4A7C15 + sample + 1) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gens: list) -> torch.Tensor:
@@ -259,7 +224,7 @@ class HFEngine:
         logits, attn = logits.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
         next_pos = next_pos.repeat_interleave(n)
         rows = [(i, j) for i in range(B) for j in range(n)]
-        gens = [torch.Generator().manual_seed(row_seed(seeds[i], j)) for i, j in rows]
+        gens = [torch.Generator().manual_seed(mix_seed(seeds[i], j)) for i, j in rows]
         tokens, finish = [[] for _ in rows], ["length"] * len(rows)
         alive = list(range(len(rows)))  # original row index of each batch row
         idle = dummy  # True: this rank only keeps step with the others, its tokens are ignored

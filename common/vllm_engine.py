@@ -111,8 +111,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.sleep_mode = bool(sleep) and current_platform.is_sleep_mode_available()
-        kw = dict(model=model, tensor_parallel_size=tp, seed=seed, dtype={"bf16": "bfloat16", "fp16": "float16",
-                                                                            "fp32": "float32"}[dtype],
+        kw = dict(model=model, tensor_parallel_size=tp, seed=seed, dtype=str(DTYPES[dtype]).removeprefix("torch."),
                   enable_sleep_mode=self.sleep_mode, max_model_len=max_model_len,
                   logprobs_mode="processed_logprobs", load_format="dummy" if dummy_weights else "auto",
                   distributed_executor_backend="external_launcher")

@@ -47,7 +47,7 @@ def _sharded(path, d):
 
 def _sft_samples(path, data, n):
     from common.data import load_rows, parse_row
-    from common.generate import encode_sft
+    from sft import encode_sft
 
     proc, tok = load_processor(path)
     rows = load_rows(data)

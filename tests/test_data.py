@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data import RowError, bound_image, load_image, parse_row, safe_path
+from common.data import (TEXT_ONLY, JsonlRows, RowError, admit_row, bound_image, load_image, mix_seed, parse_row,
+                         reason_kind, safe_path)
 
 GOOD = {"question": "q?", "options": json.dumps({"A": "x", "B": "y"}), "answer_label": "B", "answer": "y",
         "dataset_name": "d", "dataset_index": 3, "images": None, "reasoning": None}
@@ -114,3 +115,38 @@ def test_repair_tail_cuts_exactly_the_torn_last_line(tmp_path, content):
     assert p.read_bytes() == want
     repair_tail(str(tmp_path / "missing.jsonl"))  # nothing to repair, nothing created
     assert not (tmp_path / "missing.jsonl").exists()
+
+
+def test_admit_row_is_the_one_check_for_every_reader(tmp_path):
+    """One admission function for sft, grpo and evaluate: an unreadable line, a bad row and images for a text-only
+    model are each refused with their reason; need_images=False refuses images for text-only without decoding."""
+    import datasets
+
+    img = png(Image.new("RGB", (64, 64), (90, 90, 90)))
+    (tmp_path / "d.jsonl").write_text(json.dumps(GOOD) + "\n{not json\n" + json.dumps({**GOOD, "answer": "x"}) + "\n")
+    rows = JsonlRows(str(tmp_path / "d.jsonl"))
+    assert admit_row(rows, 0, text_only=True).answer_label == "B"
+    with pytest.raises(RowError, match="unreadable row|not valid JSON|JSON"):
+        admit_row(rows, 1)
+    with pytest.raises(RowError, match="differs from option"):
+        admit_row(rows, 2)
+    ds = datasets.Dataset.from_list([{**GOOD, "images": [img]}, {**GOOD, "images": []}],
+                                    features=datasets.Features({**{k: datasets.Value("string") for k in GOOD
+                                                                   if k not in ("images", "dataset_index")},
+                                                                "dataset_index": datasets.Value("int64"),
+                                                                "images": datasets.Sequence(datasets.Image())}))
+    assert len(admit_row(ds, 0).images) == 1  # a VL model takes it, decoded
+    for need in (True, False):
+        with pytest.raises(RowError, match=TEXT_ONLY):
+            admit_row(ds, 0, text_only=True, need_images=need)
+        assert admit_row(ds, 1, text_only=True, need_images=need).images == []
+
+
+def test_reason_kind_and_mix_seed():
+    """reason_kind blanks row values so counts group; mix_seed is splitmix64 (the rollout seeds of earlier runs)."""
+    assert reason_kind("over-long: prompt of 3012 tokens > max_prompt_length 2048") == \
+        "over-long: prompt of _ tokens > max_prompt_length _"
+    assert reason_kind("option 'E' is empty or not text") == reason_kind("option 'C' is empty or not text")
+    assert reason_kind(TEXT_ONLY) == TEXT_ONLY
+    assert mix_seed(0, 0) == 0x5692161D100B05E5  # splitmix64's output for state 1, top bit cleared
+    assert mix_seed(1, 2) != mix_seed(2, 1) and 0 <= mix_seed(2**40, -1) < 2**63

@@ -13,7 +13,6 @@ import torch
 
 import sft
 from common.data import load_rows, parse_row
-from common.generate import encode_sft
 from common.model import load_processor
 from conftest import run_py, torchrun
 
@@ -48,7 +47,7 @@ def test_loss_mask_is_exactly_the_assistant_turn(request, sample_data, fixture, 
     proc, tok = load_processor(path)
     for row in list(load_rows(os.path.join(sample_data, data)))[:3]:
         item = parse_row(row)
-        seg = encode_sft(proc, tok, item)
+        seg = sft.encode_sft(proc, tok, item)
         target = f"<think> {item.reasoning.strip()} </think>\n<answer> {item.answer_label} </answer>"
         assert tok.decode(seg.ids[seg.target_mask]) == target + "<|im_end|>\n"
         assert tok.decode(seg.ids[~seg.target_mask]).endswith("<|im_start|>assistant\n")
@@ -63,12 +62,12 @@ def test_upfront_length_is_the_encoded_length(request, sample_data, fixture):
     assert text[0]["prompt_tokens"] == -1  # not counted by data_prep: the count comes from the text and template
     for row in text[:8]:
         item = parse_row(row)
-        want = len(encode_sft(proc, tok, item).ids)
+        want = len(sft.encode_sft(proc, tok, item).ids)
         assert sft.conversation_tokens(proc, tok, item, row["prompt_tokens"]) == want
     if proc is not None:  # image rows: data_prep's prompt count (image tokens included, tested there) + the rest
         for row in list(load_rows(os.path.join(sample_data, "image")))[:3]:
             item = parse_row(row)
-            seg = encode_sft(proc, tok, item)
+            seg = sft.encode_sft(proc, tok, item)
             assert sft.conversation_tokens(proc, tok, item, int((~seg.target_mask).sum())) == len(seg.ids)
 
 
@@ -101,7 +100,7 @@ def test_default_loss_is_upstreams_mean_of_per_sample_token_means(tmp_path, tiny
     model = load_model(tiny_vl, dtype="fp32")
     proc, tok = load_processor(tiny_vl)
     rows = load_rows(os.path.join(sample_data, "image"))
-    samples = [encode_sft(proc, tok, parse_row(rows[i])) for i in range(4)]
+    samples = [sft.encode_sft(proc, tok, parse_row(rows[i])) for i in range(4)]
     per_sample = []
     for s in samples:
         # the modality map the processor returns in transformers 5 (without it mRoPE positions come out as text)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from bench import matmuls
 from common import speed
 from common.log import compute_mfu
 from common.model import flops_per_token
@@ -127,32 +128,32 @@ def test_mfu_arithmetic():
 def test_effective_dtype_is_read_from_the_running_layers():
     lin = torch.nn.Linear(8, 8)
     x = torch.randn(2, 8)
-    seen, stop = speed.watch_matmuls()
+    seen, stop = matmuls.watch_matmuls()
     try:
         lin(x)
-        assert speed.matmul_dtype(seen)[0] == "fp32"
+        assert matmuls.matmul_dtype(seen)[0] == "fp32"
         with torch.autocast("cpu", dtype=torch.bfloat16):  # what TRL's bf16=True does on a CPU
             lin(x)
-        eff, detail = speed.matmul_dtype(seen)
+        eff, detail = matmuls.matmul_dtype(seen)
         assert eff == "mixed" and "bf16 out <- fp32 weights, autocast bf16: 1 calls" in detail
         seen.clear()
         lin.to(torch.bfloat16)(x.bfloat16())  # what FSDP2's bf16 param_dtype does
         torch.nn.functional.linear(x.bfloat16(), lin.weight)  # a functional call, as our chunked lm_head makes
-        assert speed.matmul_dtype(json.loads(json.dumps([[*k, v] for k, v in seen.items()]))) == (
+        assert matmuls.matmul_dtype(json.loads(json.dumps([[*k, v] for k, v in seen.items()]))) == (
             "bf16", "bf16 out <- bf16 weights, no autocast: 2 calls")
     finally:
         stop()
     lin(x.bfloat16())
     assert sum(seen.values()) == 2  # stopped: no longer counting
-    assert speed.matmul_dtype({})[0] == "none"
+    assert matmuls.matmul_dtype({})[0] == "none"
 
 
 def test_ratio_only_between_equal_dtypes():
-    assert speed.same_dtype_ratio(200.0, 100.0, "fp32", "fp32") == (2.0, "same dtype (fp32)")
+    assert matmuls.same_dtype_ratio(200.0, 100.0, "fp32", "fp32") == (2.0, "same dtype (fp32)")
     for a, b in [("fp32", "bf16"), ("bf16", "fp32"), ("mixed", "mixed"), ("fp32", "none")]:
-        ratio, why = speed.same_dtype_ratio(200.0, 100.0, a, b)
+        ratio, why = matmuls.same_dtype_ratio(200.0, 100.0, a, b)
         assert ratio is None and why.startswith("no ratio")
-    assert speed.same_dtype_ratio(200.0, 0.0, "fp32", "fp32")[0] is None
+    assert matmuls.same_dtype_ratio(200.0, 0.0, "fp32", "fp32")[0] is None
 
 
 def test_bench_bootstrap_counts_the_matmuls_of_a_real_sft_run(tmp_path, tiny_text, sample_data):
@@ -164,7 +165,7 @@ def test_bench_bootstrap_counts_the_matmuls_of_a_real_sft_run(tmp_path, tiny_tex
     p = run_py("-c", bench.WATCHED, seen, "sft.py", "--model", tiny_text, "--data", f"{sample_data}/text",
                "--dtype", "fp32", "--global_batch", "2", "--micro_batch", "2", "--max_steps", "2", "--resume", "",
                "--export_every_epoch", "false", "--out", str(tmp_path / "out"))
-    eff, detail = speed.matmul_dtype(json.load(open(seen)))
+    eff, detail = matmuls.matmul_dtype(json.load(open(seen)))
     assert eff == "fp32" and "fp32 out <- fp32 weights, no autocast" in detail, detail
     assert "peak " in p.stdout and "GFLOP/s fp32" in p.stdout and "matmul " in p.stdout
     steps = [line for line in p.stdout.splitlines() if line.startswith("step ")]
