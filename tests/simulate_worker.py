@@ -11,11 +11,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
 import sft  # noqa: E402
 from common import dist, fsdp  # noqa: E402
 from common import simulate as sim  # noqa: E402
+from common.testmodels import random_init  # noqa: E402
 
 PER_RANK, MICRO = 2, 1  # samples per rank per step (global batch = PER_RANK x world), per micro-step
 
@@ -24,13 +23,7 @@ def steps(d, phase, net_folder, max_length, watch=None):
     """Two optimizer steps: the shared body of both modes."""
     net = sft.sharded_meta(net_folder, "fp32", "sdpa", False, False, False, False)
     net.to_empty(device=d.device)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.02)
-        for n, b in net.named_buffers():
-            if "inv_freq" in n:
-                b.copy_(1.0 / (10000 ** (torch.arange(0, 2 * b.numel(), 2, dtype=torch.float32) / (2 * b.numel()))))
-    net.train()
+    random_init(net).train()
     params, opt = sft.optimizer(net, 1e-5, 0.9, 0.95, 1e-4)
     if watch:
         watch(net, opt)
@@ -44,7 +37,7 @@ def steps(d, phase, net_folder, max_length, watch=None):
             fsdp.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-    return sum(p.numel() for p in net.parameters()) * d.world_size  # N: the full model's parameter count
+    return sum(p.numel() for p in net.parameters())  # N, the full model's count: a DTensor's numel is the global one
 
 
 def real(folder, max_length):

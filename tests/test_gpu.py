@@ -24,15 +24,10 @@ def _model(tmp_path, ckpt=False):
     d = dist.init(seed=0)
     folder = arch.write_folder("3b", str(tmp_path / "cfg"))
     net = sft.sharded_meta(folder, "bf16", "auto", False, ckpt, False, False)
+    from common.testmodels import random_init
+
     net.to_empty(device=d.device)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.02)
-        for n, b in net.named_buffers():
-            if "inv_freq" in n:
-                k = b.numel()
-                b.copy_(1.0 / (1e6 ** (torch.arange(0, 2 * k, 2, dtype=torch.float32, device=b.device) / (2 * k))))
-    return d, folder, net.train()
+    return d, folder, random_init(net).train()
 
 
 def test_sft_loss_falls_and_memory_vs_simulation(tmp_path):
