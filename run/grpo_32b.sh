@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NNODES=${NNODES:-4}
 source run/_launch.sh
-"${LAUNCH[@]}" grpo.py --model 32b --data text --epochs 5 --train_batch 128 --mini_batch 64 --micro_batch 16 \
+"${LAUNCH[@]}" grpo.py --model 32b --data text --epochs 5 --train_batch 128 --mini_batch 64 --micro_batch 8 \
   --engine vllm --tp 4 --gpu_memory_utilization 0.6 --group_size 8 --temperature 1.0 --top_p 1.0 \
   --max_new_tokens 4096 --max_prompt_length 2048 \
   --lr 1e-6 --weight_decay 0.01 --beta1 0.9 --beta2 0.999 --grad_clip 1.0 \

@@ -10,8 +10,8 @@ source run/_launch.sh
 SIZE=7b
 RUN=${RUN:-m23k}
 case $RUN in
-  m23k)   ARGS=(--model $SIZE --data text --epochs 5 --train_batch 256 --mini_batch 128 --micro_batch 32) ;;
-  pmc)    ARGS=(--model $SIZE --data image --epochs 1 --train_batch 256 --mini_batch 128 --micro_batch 32) ;;
+  m23k)   ARGS=(--model $SIZE --data text --epochs 5 --train_batch 256 --mini_batch 128 --micro_batch 8) ;;
+  pmc)    ARGS=(--model $SIZE --data image --epochs 1 --train_batch 256 --mini_batch 128 --micro_batch 8) ;;
   sft_rl) ARGS=(--model outputs/sft/$SIZE-text/epoch_3 --ref_model outputs/sft/$SIZE-text/epoch_3 --data image
                 --epochs 1 --train_batch 64 --mini_batch 32 --micro_batch 4) ;;
   rl_rl)  ARGS=(--model outputs/grpo/$SIZE-m23k/final --ref_model outputs/grpo/$SIZE-m23k/final --data image

@@ -11,4 +11,4 @@ DATA=${DATA:-text}
 "${LAUNCH[@]}" sft.py --model 3b --data "$DATA" \
   --lr 1e-5 --schedule cosine --warmup_ratio 0.05 --beta1 0.9 --beta2 0.95 --weight_decay 1e-4 --grad_clip 1.0 \
   --global_batch 16 --micro_batch 1 --loss_agg seq-mean-token-mean --epochs 5 --max_length 32768 --dtype bf16 \
-  --activation_checkpointing false --out "outputs/sft/3b-$DATA" "$@"
+  --activation_checkpointing true --out "outputs/sft/3b-$DATA" "$@"
