@@ -61,6 +61,7 @@ def test_guard_warns_on_a_cpu_without_native_bf16_and_only_there(capsys, monkeyp
 
 
 def test_peak_probe_is_cached_with_its_shape_and_result(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a quiet machine: its probe is kept
     lines = []
     first = speed.cpu_peak("fp32", cache_dir=str(tmp_path), seconds=0.2, report=lines.append)
     assert not first["cached"] and first["flops_per_s"] > 1e8
@@ -86,6 +87,27 @@ def test_peak_probe_is_cached_with_its_shape_and_result(tmp_path, monkeypatch):
         f.write('{"flops_per_s": 1e30')
     again = speed.cpu_peak("fp32", cache_dir=str(tmp_path), seconds=0.2, report=lines.append)
     assert not again["cached"] and again["flops_per_s"] < 1e20
+
+
+def test_peak_probed_on_a_busy_machine_is_probed_again(tmp_path, monkeypatch):
+    """The load average (1 min) is recorded with the probe; a probe that had fewer idle cores than torch threads is
+    a lower bound, so it is measured again on the next call (the higher of the two is kept) until a quiet probe."""
+    threads, cpus = torch.get_num_threads(), os.cpu_count()
+    rates = iter([1e9, 3e9, 2e9])
+    monkeypatch.setattr(speed, "probe_matmul", lambda dtype, seconds: {"flops_per_s": next(rates), "shape": [8] * 3,
+                                                                          "calls": 2, "seconds": 0.0})
+    busy, quiet = cpus - threads + 1.0, 0.0
+    lines = []
+    monkeypatch.setattr(os, "getloadavg", lambda: (busy, busy, busy))
+    first = speed.cpu_peak("fp32", cache_dir=str(tmp_path), report=lines.append)
+    assert not first["cached"] and first["flops_per_s"] == 1e9 and first["load1"] == busy and first["cpus"] == cpus
+    assert "busy" in lines[0]
+    monkeypatch.setattr(os, "getloadavg", lambda: (quiet, quiet, quiet))
+    second = speed.cpu_peak("fp32", cache_dir=str(tmp_path), report=lines.append)
+    assert not second["cached"] and second["flops_per_s"] == 3e9 and second["load1"] == quiet
+    third = speed.cpu_peak("fp32", cache_dir=str(tmp_path), report=lines.append)  # quiet probe: cached from now on
+    assert third["cached"] and third["flops_per_s"] == 3e9
+    assert json.load(open(third["path"]))["load1"] == quiet
 
 
 def test_probe_sweep_stops_before_a_size_that_would_overrun():
