@@ -135,6 +135,21 @@ def test_flops_per_token_is_the_written_out_formula(tie):
     assert flops_per_token(model, 10, passes=1) == 2 * n + 4 * layers * h * 10
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_model_flops_count_the_head_only_where_logits_are_computed(tie):
+    """Logits are computed only at the positions that predict a target (common.forward.token_logprobs: SFT's
+    assistant tokens, GRPO's response tokens), so the lm_head's 2 V d per token is counted for those rows only."""
+    from common.model import model_flops
+
+    model = tiny_lm(tie)
+    head = 2 * 256 * 64  # 2 V d
+    assert model_flops(model, 100, 10, logit_rows=100) == 100 * flops_per_token(model, 10)  # every row: as before
+    assert model_flops(model, 100, 10, logit_rows=30) == 100 * flops_per_token(model, 10) - 3 * head * 70
+    assert model_flops(model, 100, 10, logit_rows=0, passes=1) == 100 * (flops_per_token(model, 10, passes=1) - head)
+    with pytest.raises(ValueError, match="logit_rows"):
+        model_flops(model, 100, 10, logit_rows=101)
+
+
 def test_mfu_arithmetic():
     # 2 ranks did 6e12 FLOPs together in 2 s on devices of 1e12 FLOP/s each: 3e12 FLOP/s of 2e12 possible
     assert compute_mfu(6e12, 2.0, 1e12, world_size=2) == pytest.approx(1.5)
