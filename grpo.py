@@ -51,7 +51,7 @@ from common.files import check_output, repair_tail, write_json
 from common.generate import HFEngine, Prompt, Sample, encode, pick_engine
 from common.vllm_engine import VLLMEngine
 from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
-from common.model import Attn, Dtype, build_meta, control_strings, flops_per_token, load_processor, resolve
+from common.model import Attn, Dtype, build_meta, control_strings, load_processor, model_flops, resolve
 
 # Curated training sets written by data_prep.py (run/data_prep.sh builds them): 3B pass counts, 1..7 of 16.
 DATASETS = {"text": "data/m23k_3b_e2h", "image": "data/pmc_vqa_3b_e2h"}
@@ -553,7 +553,8 @@ def step_metrics(eps: list, rewards, stats: list, norms: list, zero_var: int, ti
     # memory bandwidth, not FLOPs; the no-grad old/ref passes and activation recompute are not counted)
     count = t["count"]
     seq = n_prompt_tok / max(1, len(eps)) + t["len_sum"] / max(1, count)  # attended length: prompt + response
-    mfu = compute_mfu(t["tok_trained"] * flops_per_token(net, seq), tmax["update"], peak, d.world_size)
+    mfu = compute_mfu(model_flops(net, t["tok_trained"], seq, logit_rows=t["len_sum"]), tmax["update"], peak,
+                      d.world_size)  # logits only at the response tokens
     return {
         "reward": t["r_sum"] / count, "reward_std": math.sqrt(max(0.0, t["r_sq"] / count - (t["r_sum"] / count) ** 2)),
         "acc": t["correct"] / count, "format": t["fmt_ok"] / count, "len_mean": t["len_sum"] / count,

@@ -33,7 +33,7 @@ from common.data import RowError, admit_row, data_root, load_rows, mix_seed, rea
 from common.faults import crash_point, poison
 from common.files import check_output, write_json
 from common.log import Logger, compute_mfu, fmt, git_sha, peak_flops, plot_curves
-from common.model import Attn, Dtype, build_meta, control_strings, flops_per_token, load_processor, resolve
+from common.model import Attn, Dtype, build_meta, control_strings, load_processor, model_flops, resolve
 
 DATASETS = {"text": ["UCSC-VLAA/MedVLThinker-m23k-tokenized"],
             "image": ["UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized"]}
@@ -392,7 +392,7 @@ def main(
         seen_tokens += tok_all
         tps = tok_all / dt
         attended = sum(len(s.ids) ** 2 for s in mine) / max(1, tokens)  # token-weighted mean conversation length
-        mfu = compute_mfu(tok_all * flops_per_token(net, attended), dt, peak, d.world_size)
+        mfu = compute_mfu(model_flops(net, tok_all, attended, logit_rows=n_tok), dt, peak, d.world_size)
         mem = torch.cuda.max_memory_allocated() / 2**30 if d.device.type == "cuda" else None
         eta = (total - step) * (time.time() - t_start) / max(1, step)
         metrics = {"loss": loss_all, "lr": lr * lrm, "grad_norm": float(norm), "epoch": step / steps_per_epoch,

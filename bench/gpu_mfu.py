@@ -5,8 +5,9 @@
 
 The model is built from the published Qwen2.5-VL-3B-Instruct numbers (common/arch.py, no download), sharded with
 common/fsdp.py exactly as sft.py does it (world of 1), and trained on packed rows of random token ids (plus random
-images when --images > 0) with the assistant-only loss code path. MFU = tokens/s x common.model.flops_per_token
-(6 N + 12 L d S, the vision tower not counted) / the GPU's dense bf16 peak.
+images when --images > 0) with the assistant-only loss code path. MFU = step FLOPs (common.model.model_flops:
+6 N_blocks + 12 L d S per token, 6 N_head per target token, the vision tower not counted) / step time / the GPU's
+dense bf16 peak.
 """
 
 import argparse
@@ -32,7 +33,7 @@ def main():
 
     from common import arch, dist, forward, fsdp
     from common.log import peak_flops
-    from common.model import attn_implementation, flops_per_token, model_class, num_params
+    from common.model import attn_implementation, model_class, model_flops, num_params
 
     d = dist.init(seed=0)
     assert d.device.type == "cuda", "this benchmark needs a GPU"
@@ -73,11 +74,12 @@ def main():
     dt = sum(times[2:]) / len(times[2:])
     tps = args.tokens / dt
     peak = peak_flops(d.device)
-    mfu = tps * flops_per_token(model, per) / peak if peak else float("nan")
+    flops = model_flops(model, args.tokens, per, logit_rows=packed.pred_pos.numel())  # logits only at the targets
+    mfu = flops / dt / peak if peak else float("nan")
     print(f"{torch.cuda.get_device_name()} | attn {model.config._attn_implementation} | {args.tokens} tokens/row, "
           f"{args.samples} samples, {args.images} images | {n_params / 1e9:.2f} B params (no embeddings)")
-    print("MFU = tokens/s x flops_per_token (6 N + 12 L d S, common.model) / peak dense bf16 FLOP/s "
-          f"= {tps:.0f} x {flops_per_token(model, per):.3g} / {peak:.3g}")
+    print("MFU = step FLOPs (6 N_blocks + 12 L d S per token + 6 N_head per target, common.model.model_flops) / step "
+          f"time / peak dense bf16 FLOP/s = {flops:.3g} / {dt:.3g} / {peak:.3g}")
     print(f"step {dt * 1000:.0f} ms | {tps:.0f} tokens/s | MFU {100 * mfu:.1f} % | peak memory "
           f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     dist.cleanup()

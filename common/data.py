@@ -234,7 +234,10 @@ def check_control(field: str, text: str | None, control: frozenset = frozenset()
 
 
 def parse_options(raw) -> dict:
-    """JSON string (or dict) -> {letter: text}; at least two non-empty options, unique letters."""
+    """JSON string (or dict) -> {letter: text}; at least two non-empty options, unique letters. A letter whose value is
+    None (JSON null) is absent, not empty: Arrow (datasets, parquet) reads dict options back as one struct over the
+    union of every row's letters and fills the letters a row lacks with None (datasets#6699). An empty string is still
+    an empty option and is refused."""
     if isinstance(raw, str):
         try:
             opts = json.loads(raw, object_pairs_hook=_no_dupes)
@@ -244,6 +247,7 @@ def parse_options(raw) -> dict:
         opts = raw
     if not isinstance(opts, dict):
         raise RowError(f"options must be a JSON object of letter -> text, got {type(opts).__name__}")
+    opts = {k: v for k, v in opts.items() if v is not None}
     if len(opts) < 2:
         raise RowError(f"options need at least 2 entries, got {len(opts)}")
     for k, v in opts.items():

@@ -62,6 +62,8 @@ def load_image(value, root: str | None = None) -> Image.Image:
     try:
         img.load()
         out = normalise(img)
+    except RowError:
+        raise
     except Exception as e:
         raise RowError(f"image is truncated or corrupt ({type(e).__name__}: {e})") from None
     if data is not None and img.format in ("JPEG", "PNG") and img.mode in ("RGB", "L") and out.size == img.size \
@@ -99,14 +101,18 @@ def normalise(img: Image.Image) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB for any mode without transparency: 16-bit grey is scaled to 8 bits (PIL's own convert clips it), the rest
-    (L, CMYK, P, ...) via PIL's convert. Transparent images go through normalise."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    """RGB for any mode without transparency. High-bit-depth grey (I;16*, 32-bit int I, 32-bit float F) is scaled by
+    the image's own range, min..max -> 0..255 (rounded, order kept), since PIL's convert clips it to 0..255 (float
+    0..1 came out black, 12-bit CT white); a constant one becomes black (0). The rest (L, CMYK, P, ...) via PIL's
+    convert. Raises RowError for NaN/inf pixels. Transparent images go through normalise."""
+    if img.mode.startswith("I") or img.mode == "F":
         import numpy as np
 
         a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise RowError(f"{img.mode} image has pixels that are not finite (NaN or inf)")
         lo, hi = float(a.min()), float(a.max())
-        a = np.zeros_like(a) if hi == lo else (a - lo) * (255.0 / (hi - lo))
+        a = np.zeros_like(a) if hi == lo else np.rint((a - lo) * (255.0 / (hi - lo)))
         img = Image.fromarray(a.astype("uint8"))
     return img if img.mode == "RGB" else img.convert("RGB")
 

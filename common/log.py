@@ -1,6 +1,6 @@
 """Run logging: one metric line per step, a JSONL file, optional wandb, PNG curves, MFU against peak FLOPs.
 
-FLOPs per token: common/model.py flops_per_token; the CPU peak: common/speed.py cpu_peak."""
+Step FLOPs: common/model.py model_flops (lm_head only at the logit rows); the CPU peak: common/speed.py cpu_peak."""
 
 import json
 import os

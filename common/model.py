@@ -158,9 +158,18 @@ def num_params(model, exclude_embeddings: bool = True) -> int:
     return n
 
 
+def _flop_terms(model) -> tuple[int, int, int]:
+    """(weights of the decoder blocks, weights of lm_head, L x d of the attention term) for model_flops."""
+    text, _, head = forward.parts(model)
+    cfg = text.config
+    d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    return sum(p.numel() for p in text.layers.parameters()), head.weight.numel(), cfg.num_hidden_layers * d_attn
+
+
 def flops_per_token(model, seq_len: float, passes: int = 3) -> float:
-    """Matmul FLOPs per text token for `passes` forward-pass equivalents: passes * (2 N + 4 L d S). The one place the
-    FLOP count lives (sft.py, grpo.py and bench/gpu_mfu.py all use it). Units: FLOPs (not FLOP/s) per token.
+    """Matmul FLOPs for one text token that also computes logits, over `passes` forward-pass equivalents:
+    passes * (2 N + 4 L d S). Units: FLOPs (not FLOP/s) per token. A step's total, where only some positions compute
+    logits, is model_flops (what sft.py, grpo.py and bench/gpu_mfu.py use).
 
     passes: 3 = forward + backward (the backward costs two forwards), 1 = a no-grad scoring pass. Activation recompute
     is not counted: MFU counts model FLOPs, not hardware FLOPs (PaLM's definition).
@@ -173,11 +182,20 @@ def flops_per_token(model, seq_len: float, passes: int = 3) -> float:
     With passes=3 this is 6 N + 12 L d S. Sources: Kaplan et al. 2020, "Scaling Laws for Neural Language Models"
     (arXiv 2001.08361) sec. 2.1 for 6 N; Chowdhery et al. 2022, "PaLM" (arXiv 2204.02311) appendix B for the
     attention term and the MFU definition."""
-    text, _, head = forward.parts(model)
-    cfg = text.config
-    n = sum(p.numel() for p in text.layers.parameters()) + head.weight.numel()
-    d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-    return passes * (2 * n + 4 * cfg.num_hidden_layers * d_attn * seq_len)
+    blocks, head, ld = _flop_terms(model)
+    return passes * (2 * (blocks + head) + 4 * ld * seq_len)
+
+
+def model_flops(model, tokens: int, seq_len: float, logit_rows: int, passes: int = 3) -> float:
+    """Matmul FLOPs of `passes` forward-pass equivalents over `tokens` text tokens of which only `logit_rows` go
+    through lm_head: passes * (tokens * (2 N_blocks + 4 L d S) + logit_rows * 2 N_head), terms as in flops_per_token.
+    Our forward computes logits only at the positions that predict a target (common.forward.token_logprobs: SFT's
+    loss tokens, GRPO's response tokens), so counting the head for every token over-counts MFU (about 10-15 % for
+    SmolLM2-135M, whose 28 M-weight head is a fifth of N). Raises ValueError unless 0 <= logit_rows <= tokens."""
+    if not 0 <= logit_rows <= tokens:
+        raise ValueError(f"logit_rows {logit_rows} is not within 0..tokens ({tokens})")
+    blocks, head, ld = _flop_terms(model)
+    return passes * (tokens * (2 * blocks + 4 * ld * seq_len) + logit_rows * 2 * head)
 
 
 def read_meta(folder: str) -> dict:

@@ -150,3 +150,24 @@ def test_reason_kind_and_mix_seed():
     assert reason_kind(TEXT_ONLY) == TEXT_ONLY
     assert mix_seed(0, 0) == 0x5692161D100B05E5  # splitmix64's output for state 1, top bit cleared
     assert mix_seed(1, 2) != mix_seed(2, 1) and 0 <= mix_seed(2**40, -1) < 2**63
+
+
+def test_struct_options_with_different_letter_sets_survive_parquet(tmp_path):
+    """datasets/Arrow stores dict options as one struct over the union of letters and fills the absent ones with None
+    (datasets#6699); a 2-option row read back beside a 5-option row must still parse, with only its own letters."""
+    import datasets
+
+    from common.data import load_rows
+    from data_prep import _process
+
+    rows = [dict(GOOD, options={"A": "x", "B": "y"}),
+            dict(GOOD, options={"A": "p", "B": "y", "C": "r", "D": "s", "E": "t"})]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    back = load_rows(str(tmp_path / "rows.parquet"))
+    assert back[0]["options"] == {"A": "x", "B": "y", "C": None, "D": None, "E": None}  # what Arrow hands back
+    assert parse_row(back[0]).options == {"A": "x", "B": "y"}
+    assert list(parse_row(back[1]).options) == list("ABCDE")
+    row, reason = _process(back[0], None, False, None)
+    assert reason is None and json.loads(row[0]["options"]) == {"A": "x", "B": "y"}
+    with pytest.raises(RowError, match="not among the options"):  # the label names a letter this row lacks
+        parse_row(dict(back[0], answer_label="E", answer="t"))

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import data_prep as dp
-from common.data import RowError, load_rows
+from common.data import RowError, load_image, load_rows
 from conftest import run_py
 
 
@@ -343,3 +343,29 @@ def test_near_index_finds_exactly_the_hashes_within_the_distance(bits):
         want = [k for k, s in enumerate(stored) if bin(h ^ s).count("1") <= bits]
         got = find(h)
         assert (got is None) == (not want) and (got is None or got in want)
+
+
+def test_near_duplicate_hash_separates_real_scans_and_catches_copies(real):
+    """Issue 20 §13 (bench/decontam_hash.py measures it): on the 177 distinct VQA-RAD scans the near-duplicate hash at
+    decontaminate's default distance matches no pair of different scans, and still matches each scan's copies
+    re-encoded as JPEG q=75, resized to half, and 10 % brighter."""
+    import inspect
+    import io
+
+    from PIL import ImageEnhance
+
+    folder = os.path.join(real, "vqa_rad", "VQA_RAD Image Folder")
+    bits = inspect.signature(dp.decontaminate).parameters["phash_bits"].default
+    images = [load_image(open(os.path.join(folder, f), "rb").read()) for f in sorted(os.listdir(folder))]
+    assert len(images) == 177
+    near = [dp.image_hashes(im)[1] for im in images]
+    close = [(i, j) for i in range(len(near)) for j in range(i) if bin(near[i] ^ near[j]).count("1") <= bits]
+    assert close == [], f"{len(close)} pairs of different scans called duplicates, e.g. {close[:3]}"
+    missed = 0
+    for im, h in zip(images, near):
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=75)
+        copies = [load_image(buf.getvalue()), im.resize((im.width // 2, im.height // 2), Image.BILINEAR),
+                  ImageEnhance.Brightness(im).enhance(1.1)]
+        missed += sum(bin(dp.image_hashes(c)[1] ^ h).count("1") > bits for c in copies)
+    assert missed == 0, f"{missed} of {3 * len(images)} copies not matched"

@@ -129,3 +129,41 @@ def test_real_vqa_rad_images_are_the_source_files(real, tmp_path):
     stored = [hashlib.sha256(b).hexdigest() for b in _stored_bytes(tmp_path / "out")]
     assert len(stored) == 220 and len(set(stored)) == 119  # the 221 CLOSED rows use 119 of the 177 images
     assert set(stored) <= sources
+
+
+@pytest.mark.parametrize("dtype,lo,hi", [("uint16", 0, 4095), ("uint16", 30000, 30400), ("int32", -1024, 3071),
+                                         ("float32", 0.0, 1.0), ("float32", -1000.0, 3000.0)])
+@pytest.mark.parametrize("as_tiff", [False, True])
+def test_high_bit_depth_is_scaled_by_its_own_range(dtype, lo, hi, as_tiff):
+    """I;16, I and F (12-bit CT in 16 bits, a narrow window, Hounsfield units, float 0..1): the 8-bit grey of the result
+    spans the image's own min..max -> 0..255 and keeps the order of the pixel values (PIL's convert clips instead:
+    float 0..1 came out black, values over 255 white)."""
+    import numpy as np
+
+    a = np.linspace(lo, hi, 64 * 64).reshape(64, 64).astype(dtype)
+    img = Image.fromarray(a)
+    assert img.mode == {"uint16": "I;16", "int32": "I", "float32": "F"}[dtype]
+    if as_tiff:
+        buf = io.BytesIO()
+        img.save(buf, "TIFF")
+        img = buf.getvalue()
+    g = np.asarray(load_image(img))
+    assert g.shape == (64, 64, 3) and (g[..., 0] == g[..., 2]).all()
+    g = g[..., 0].ravel().astype(int)
+    assert g.min() == 0 and g.max() == 255
+    assert (g == 0).mean() < 0.02 and (g == 255).mean() < 0.02  # scaled, not clipped (clipping piles up the ends)
+    assert (np.diff(g) >= 0).all()  # order kept along the gradient
+    assert len(np.unique(g)) >= min(200, len(np.unique(a)))
+
+
+def test_constant_and_non_finite_high_bit_depth():
+    """A constant high-bit-depth image carries no contrast and becomes black (0); NaN/inf pixels are refused."""
+    import numpy as np
+
+    from common.images import RowError
+
+    assert np.asarray(load_image(Image.fromarray(np.full((8, 8), 7.5, np.float32)))).max() == 0
+    bad = np.zeros((8, 8), np.float32)
+    bad[0, 0] = np.nan
+    with pytest.raises(RowError, match="not finite"):
+        load_image(Image.fromarray(bad))

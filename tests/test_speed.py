@@ -62,6 +62,7 @@ def test_guard_warns_on_a_cpu_without_native_bf16_and_only_there(capsys, monkeyp
 
 
 def test_peak_probe_is_cached_with_its_shape_and_result(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a quiet machine: its probe is kept
     lines = []
     first = speed.cpu_peak("fp32", cache_dir=str(tmp_path), seconds=0.2, report=lines.append)
     assert not first["cached"] and first["flops_per_s"] > 1e8
@@ -89,6 +90,27 @@ def test_peak_probe_is_cached_with_its_shape_and_result(tmp_path, monkeypatch):
     assert not again["cached"] and again["flops_per_s"] < 1e20
 
 
+def test_peak_probed_on_a_busy_machine_is_probed_again(tmp_path, monkeypatch):
+    """The load average (1 min) is recorded with the probe; a probe that had fewer idle cores than torch threads is
+    a lower bound, so it is measured again on the next call (the higher of the two is kept) until a quiet probe."""
+    threads, cpus = torch.get_num_threads(), os.cpu_count()
+    rates = iter([1e9, 3e9, 2e9])
+    monkeypatch.setattr(speed, "probe_matmul", lambda dtype, seconds: {"flops_per_s": next(rates), "shape": [8] * 3,
+                                                                          "calls": 2, "seconds": 0.0})
+    busy, quiet = cpus - threads + 1.0, 0.0
+    lines = []
+    monkeypatch.setattr(os, "getloadavg", lambda: (busy, busy, busy))
+    first = speed.cpu_peak("fp32", cache_dir=str(tmp_path), report=lines.append)
+    assert not first["cached"] and first["flops_per_s"] == 1e9 and first["load1"] == busy and first["cpus"] == cpus
+    assert "busy" in lines[0]
+    monkeypatch.setattr(os, "getloadavg", lambda: (quiet, quiet, quiet))
+    second = speed.cpu_peak("fp32", cache_dir=str(tmp_path), report=lines.append)
+    assert not second["cached"] and second["flops_per_s"] == 3e9 and second["load1"] == quiet
+    third = speed.cpu_peak("fp32", cache_dir=str(tmp_path), report=lines.append)  # quiet probe: cached from now on
+    assert third["cached"] and third["flops_per_s"] == 3e9
+    assert json.load(open(third["path"]))["load1"] == quiet
+
+
 def test_probe_sweep_stops_before_a_size_that_would_overrun():
     r = speed.probe_matmul("fp32", seconds=1e-4, sizes=(64, 128, 4096))
     assert r["shape"] != [4096] * 3 and r["seconds"] < 5  # a 4096^3 fp32 call alone takes ~1 s on 2 cores
@@ -112,6 +134,21 @@ def test_flops_per_token_is_the_written_out_formula(tie):
     n = layers * per_layer + vocab * h  # + lm_head, tied or not; the embedding lookup is not a matmul
     assert flops_per_token(model, 10) == 3 * (2 * n + 4 * layers * h * 10)  # 6 N + 12 L d S
     assert flops_per_token(model, 10, passes=1) == 2 * n + 4 * layers * h * 10
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_model_flops_count_the_head_only_where_logits_are_computed(tie):
+    """Logits are computed only at the positions that predict a target (common.forward.token_logprobs: SFT's
+    assistant tokens, GRPO's response tokens), so the lm_head's 2 V d per token is counted for those rows only."""
+    from common.model import model_flops
+
+    model = tiny_lm(tie)
+    head = 2 * 256 * 64  # 2 V d
+    assert model_flops(model, 100, 10, logit_rows=100) == 100 * flops_per_token(model, 10)  # every row: as before
+    assert model_flops(model, 100, 10, logit_rows=30) == 100 * flops_per_token(model, 10) - 3 * head * 70
+    assert model_flops(model, 100, 10, logit_rows=0, passes=1) == 100 * (flops_per_token(model, 10, passes=1) - head)
+    with pytest.raises(ValueError, match="logit_rows"):
+        model_flops(model, 100, 10, logit_rows=101)
 
 
 def test_mfu_arithmetic():
