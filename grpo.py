@@ -497,7 +497,6 @@ def update(net, opt, params: list, eps: list, old, refs, layout: Layout, share_p
         normaliser = max(1.0, dist.all_reduce_sum(local_normaliser([eps[g] for g in mb], algo["loss_agg"])))
         micro = [mb[i : i + layout.micro_groups] for i in range(0, len(mb), layout.micro_groups)]
         for k, chunk in enumerate(micro):
-            net.set_requires_gradient_sync(k == len(micro) - 1)
             flat = [(g, j) for g in chunk for j in range(G)]
             loss, met, ntok = micro_loss(
                 net, [eps[g] for g in chunk], [old[g * G + j][0] for g, j in flat] if old is not None else None,

@@ -161,13 +161,14 @@ def optimizer(net, lr: float, beta1: float, beta2: float, weight_decay: float):
 def accumulate(net, mine: list, accum: int, micro_batch: int, packing: bool, loss_agg: str, normaliser: int, device,
                step: int) -> float:
     """Forward and backward of this rank's samples `mine`, `accum` micro-steps of `micro_batch` samples each
-    (gradients reduce-scattered on the last); returns the summed loss shares (a float)."""
+    (gradients reduce-scattered after each, into the fp32 shards: skipping the sync until the last would hold an
+    unsharded gradient of the whole model on every rank, +85 GiB per rank for 32B GRPO in the simulation; torchtitan
+    also reduces every micro-step); returns the summed loss shares (a float)."""
     loss_sum = 0.0
     for m in range(accum):
         micro = mine[m * micro_batch : (m + 1) * micro_batch]
-        net.set_requires_gradient_sync(m == accum - 1)
         packed = forward.pack(micro, net, rows="packed" if packing else "padded").to(device)
-        logp, _ = net.mvl_logprobs(packed)
+        logp, _ = forward.token_logprobs(net, packed)
         loss = sft_loss(logp, packed.spans, loss_agg, normaliser) * poison("sft_loss", step)
         loss.backward()
         loss_sum += float(loss.detach())
