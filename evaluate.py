@@ -232,6 +232,24 @@ def failure_record(item, run: int, error: Exception) -> dict:
             "error": f"{type(error).__name__}: {error}"[:1000]}
 
 
+def failure_check(failed: list, n_items: Counter, max_fail_frac: float) -> str:
+    """'' when each benchmark's items that failed at generation (in any run) are at most `max_fail_frac` of its
+    `n_items`, else the message that stops the run, with the counts and the errors' kinds. 5 % by default: an odd
+    item (an image the processor cannot take) is reported and left out, but past that the failure is systemic (a dead
+    engine, a CUDA error, a code bug) and the accuracies over the survivors would not be the benchmark's."""
+    bad = {}
+    for r in failed:
+        bad.setdefault(r["dataset_name"], set()).add(r["dataset_index"])
+    over = [f"{b}: {len(ix)} of {n_items[b]} items failed" for b, ix in sorted(bad.items())
+            if len(ix) > max_fail_frac * n_items[b]]
+    if not over:
+        return ""
+    kinds = Counter(r["error"].split(":")[0] for r in failed)
+    return (f"generation failed past --max_fail_frac {max_fail_frac}: " + "; ".join(over) + " (errors: " +
+            ", ".join(f"{n} {k}" for k, n in kinds.most_common()) + f"; e.g. {failed[0]['error'][:200]}). "
+            "The failures are in failed.jsonl; a rerun with the same --out retries them")
+
+
 def merge_failures(folder: str, records: list) -> list:
     """Merge the ranks' failed.rank*.jsonl (and an earlier failed.jsonl) into failed.jsonl, one record per
     (benchmark, index, run), leaving out items that have results now (a resumed run generated them). Returns them."""
@@ -266,7 +284,12 @@ def hash_key(name: str, index: int) -> int:
 def select_rows(names: list, wanted: set | None, limit: int) -> tuple[list, Counter]:
     """Row indices to check: those of the wanted benchmarks (None = all), the first `limit` of each in dataset order
     (-1 = all), and every row whose name is unknown (None: a broken .jsonl line, none, not a string), so that it is
-    checked and reported. Also the count picked per benchmark."""
+    checked and reported. Also the count picked per benchmark. A wanted name that no row has stops the run (SystemExit
+    naming it and the benchmarks the data holds): a typo must not shrink Avg. silently."""
+    unknown = sorted((wanted or set()) - set(names))
+    if unknown:
+        raise SystemExit(f"--benchmarks {', '.join(map(repr, unknown))} not in the data; it holds: "
+                         f"{', '.join(sorted({n for n in names if n is not None}))}")
     picked, per_bench = [], Counter()
     for i, bench in enumerate(names):
         if bench is None or (wanted is None or bench in wanted) and (limit < 0 or per_bench[bench] < limit):
@@ -363,6 +386,7 @@ def main(
     n_boot: int = 1000,  # bootstrap resamples for the CIs
     report_page: bool = True,  # report.html + thumbs.jsonl (false for pass-count runs: it embeds every response)
     grader: grading.Grader = "lenient",  # tables: lenient (RECIPE §7.2 regrader) | inference (§2.1) | strict
+    max_fail_frac: float = 0.05,  # stop non-zero when more of a benchmark's items fail at generation (1 = never)
 ):
     user_config = dict(locals())
     cli.check_choices(main, user_config)  # a misspelt choice fails here, before any work
@@ -449,6 +473,10 @@ def main(
         if report_page:
             write_jsonl(os.path.join(out, "thumbs.jsonl"), thumbs)  # images for report.html
         failed = merge_failures(out, records)
+        too_many = failure_check(failed, Counter(it.dataset_name for it in items), max_fail_frac)
+        if too_many:
+            dist.cleanup()
+            raise SystemExit(too_many)
         n_gen = sum(len(b) for _, b in todo)
         summary = finish(out, records, name, n_boot, {
             "model": model, "data": data, "skipped_rows": len(rejects),
@@ -461,7 +489,7 @@ def main(
         print(open(os.path.join(out, "results.md")).read(), end="")
         if summary["items_per_second"]:
             print(f"{n_gen} items in {elapsed:.1f}s ({summary['items_per_second']:.2f} items/s, "
-                  f"{summary['generated_tokens_per_second']:.1f} new tokens/s)")
+                  f"{summary['generated_tokens_per_second'] or 0:.1f} new tokens/s)")  # None: no item generated
         for r in failed[:5]:
             print(f"failed: {r['dataset_name']} #{r['dataset_index']} run {r['run']}: {r['error'][:200]}", flush=True)
         if failed:

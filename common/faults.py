@@ -1,4 +1,5 @@
-"""Fault injection for the reliability tests: `MEDVL_CRASH=point:N` hard-kills the process at the N-th visit.
+"""Fault injection for the reliability tests: `MEDVL_CRASH=point:N` hard-kills the process at the N-th visit,
+`MEDVL_NAN=point:steps` poisons a value, `MEDVL_FAULT=name` makes a call raise.
 
 os._exit skips every finally block and flush, like kill -9, so what survives is exactly what was on disk."""
 
@@ -27,3 +28,10 @@ def poison(name: str, step: int) -> float:
     spec = os.environ.get("MEDVL_NAN", "")
     point, _, steps = spec.partition(":")
     return float("nan") if point == name and str(step) in steps.split(",") else 1.0
+
+
+def fault(name: str) -> None:
+    """Raise RuntimeError("injected fault: name") when MEDVL_FAULT (comma-separated) lists `name`: a systemic failure,
+    as a dead engine or a CUDA error would raise on every call."""
+    if name in os.environ.get("MEDVL_FAULT", "").split(","):
+        raise RuntimeError(f"injected fault: {name}")

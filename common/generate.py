@@ -34,6 +34,7 @@ from transformers import DynamicCache
 
 from common import dist, forward, fsdp, prompts
 from common.data import mix_seed
+from common.faults import fault
 from common.model import banned_token_ids, decode_response, response_drop_ids, stop_token_ids
 
 
@@ -99,8 +100,11 @@ def generate_each(engine, prompts: list, seeds: list, **sampling) -> list:
     """engine.generate(prompts, seeds=seeds, **sampling), where one bad prompt costs only itself: if the call
     raises, each prompt is generated alone, and a prompt that still raises gets its exception in place of its
     [Sample] * n. Per-row seeds make a prompt's samples the same alone as in a batch. Returns one entry per prompt.
+    It catches everything, code bugs and dead engines too: the caller must bound the failures (evaluate.py's
+    --max_fail_frac), or a systemic failure would pass as a short result.
     Not for a `synced` HF engine (FSDP): a rank that retries alone would leave its peers' collectives waiting."""
     try:
+        fault("generate")
         return engine.generate(prompts, seeds=seeds, **sampling)
     except Exception as e:  # anything a prompt can trigger (processor, tokenizer, engine checks, memory)
         if len(prompts) == 1:
@@ -108,6 +112,7 @@ def generate_each(engine, prompts: list, seeds: list, **sampling) -> list:
     out = []
     for p, seed in zip(prompts, seeds):
         try:
+            fault("generate")
             out += engine.generate([p], seeds=[seed], **sampling)
         except Exception as e:
             out.append(e)

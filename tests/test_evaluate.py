@@ -218,3 +218,29 @@ def test_failed_items_are_merged_counted_once_and_cleared_by_a_resume(tmp_path):
     assert got == [{"dataset_name": "toy", "dataset_index": 1, "run": 0, "error": "StopIteration: "}]
     assert sorted(os.listdir(tmp_path)) == ["failed.jsonl"]
     assert ev.merge_failures(str(tmp_path), done) == got  # idempotent: the merged file is read back
+
+
+def test_a_systemic_failure_stops_the_run_non_zero_naming_the_reasons(tmp_path, tiny_vl_tags):
+    """Issue 20 §2: with every generate raising (MEDVL_FAULT=generate: a dead engine, a CUDA error), evaluate.py used
+    to write failed.jsonl and exit 0 with accuracies over nothing. Past --max_fail_frac of a benchmark's items it
+    stops non-zero and names the reasons; the failures stay in failed.jsonl for a resume, and no summary is written.
+    --max_fail_frac 1 accepts any number of failures (the old behaviour)."""
+    data = _tags_rows(tmp_path)
+    args = ["evaluate.py", "--model", tiny_vl_tags, "--data", data, "--dtype", "fp32", "--max_new_tokens", "4",
+            "--runs", "1", "--batch_size", "2"]
+    p = run_py(*args, "--out", str(tmp_path / "dead"), env={"MEDVL_FAULT": "generate"}, check=False)
+    assert p.returncode != 0, p.stdout[-2000:]
+    assert "toy: 3 of 3 items failed" in p.stdout and "RuntimeError" in p.stdout and "max_fail_frac" in p.stdout
+    assert len(open(tmp_path / "dead" / "failed.jsonl").readlines()) == 3
+    assert not (tmp_path / "dead" / "summary.json").exists()
+    p = run_py(*args, "--out", str(tmp_path / "tolerant"), "--max_fail_frac", "1", env={"MEDVL_FAULT": "generate"})
+    assert json.load(open(tmp_path / "tolerant" / "summary.json"))["failed_items"] == 3
+
+
+def test_unknown_benchmark_names_are_refused_with_the_known_ones(tmp_path, tiny_vl_tags):
+    """Issue 20 §7: a misspelt --benchmarks name was ignored (exit 0, Avg. over the others)."""
+    data = _tags_rows(tmp_path)
+    p = run_py("evaluate.py", "--model", tiny_vl_tags, "--data", data, "--dtype", "fp32", "--max_new_tokens", "4",
+               "--runs", "1", "--benchmarks", "toy,tyo", "--out", str(tmp_path / "ev"), check=False)
+    assert p.returncode != 0 and "'tyo'" in p.stdout and "toy" in p.stdout.split("'tyo'")[-1], p.stdout[-2000:]
+    assert not (tmp_path / "ev" / "items.jsonl").exists()
