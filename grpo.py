@@ -70,16 +70,23 @@ SIZES = {"3b": dict(micro_batch=32, tp=2), "7b": dict(micro_batch=8, tp=2), "32b
 def group_advantages(rewards: torch.Tensor, group_size: int, norm_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """(B*G,) rewards laid out group by group -> (B*G,) advantages (r - mean) / (std + eps), unbiased std as verl.
 
-    A group of one gets mean 0 and std 1, as in verl."""
+    A group of one gets mean 0 and std 1, as in verl. A NaN reward (unscored: the reward function returned None or
+    NaN) is left out of its group's mean and std and gets advantage 0; a group with one scored member gets 0 (no
+    baseline). One NaN would otherwise turn its whole group's advantages into NaN (trl#2737)."""
     r = rewards.float().view(-1, group_size)
+    ok = ~torch.isnan(r)
     if group_size == 1:
         mean, std = torch.zeros_like(r), torch.ones_like(r)
-    else:
+    elif bool(ok.all()):
         mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True)
+    else:
+        k = ok.sum(1, keepdim=True)
+        mean = torch.where(ok, r, 0.0).sum(1, keepdim=True) / k.clamp(min=1)
+        std = ((torch.where(ok, r - mean, 0.0) ** 2).sum(1, keepdim=True) / (k - 1).clamp(min=1)).sqrt()
     adv = r - mean
     if norm_std:
         adv = adv / (std + eps)
-    return adv.view(-1)
+    return torch.where(ok, adv, 0.0).view(-1)
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kl_type: str = "k3") -> torch.Tensor:
@@ -446,21 +453,23 @@ def validate(llm, net, val_data: str, val_limit: int, seed: int, new_tokens: int
 def score(eps: list, reward_fn, G: int, max_new_tokens: int, overlong_buffer: int, overlong_factor: float,
           norm_std: bool, adv_eps: float, drop_zero_var: bool, mask_truncated: bool) -> tuple[torch.Tensor, int]:
     """Rewards (+ the optional overlong penalty), group advantages and loss masks, written into the episodes.
-    Returns the (B*G,) rewards and the number of groups whose rewards are all equal."""
+    Returns the (B*G,) rewards (NaN = unscored: the reward function returned None, NaN or inf; such a sample is out
+    of the loss and of its group's statistics, and counted as reward/unscored) and the number of groups whose scored
+    rewards are all equal."""
     for ep in eps:
         for s in ep.samples:
             r = reward_fn(s.text, ep.item, s.token_ids)
-            r = 0.0 if r is None else float(r)
+            r = float("nan") if r is None or not math.isfinite(float(r)) else float(r)
             ep.rewards.append(r + overlong_penalty(len(s.token_ids), max_new_tokens, overlong_buffer, overlong_factor))
     rewards = torch.tensor([r for ep in eps for r in ep.rewards])
     adv = group_advantages(rewards, G, norm_std, adv_eps).view(len(eps), G)
     zero_var = 0
     for g, ep in enumerate(eps):
         ep.advantages = adv[g].tolist()
-        flat = len(set(ep.rewards)) == 1
+        flat = len({r for r in ep.rewards if r == r}) <= 1  # scored rewards all equal (NaN != NaN)
         zero_var += flat
-        ep.loss_mask = [not (drop_zero_var and flat) and not (mask_truncated and s.finish_reason == "length")
-                        for s in ep.samples]
+        ep.loss_mask = [r == r and not (drop_zero_var and flat) and not (mask_truncated and s.finish_reason == "length")
+                        for s, r in zip(ep.samples, ep.rewards)]
     return rewards, zero_var
 
 
@@ -538,7 +547,8 @@ def step_metrics(eps: list, rewards, stats: list, norms: list, zero_var: int, ti
     n_prompt_tok = sum(len(ep.prompt.segment.ids) for ep in eps)
     G = len(eps[0].samples) if eps else 1
     local = {
-        "r_sum": float(rewards.sum()), "r_sq": float((rewards**2).sum()), "count": len(lens), "len_sum": sum(lens),
+        "r_sum": float(rewards.nansum()), "r_sq": float((rewards**2).nansum()), "scored": int((~rewards.isnan()).sum()),
+        "count": len(lens), "len_sum": sum(lens),
         "correct": sum(grading.lenient_correct(s.text, ep.item.answer, ep.item.answer_label) for ep, s in samples),
         "fmt_ok": sum(grading.format_ok(s.text) for _, s in samples),
         "truncated": sum(s.finish_reason == "length" for _, s in samples), "zero_var": zero_var, "groups": len(eps),
@@ -555,7 +565,9 @@ def step_metrics(eps: list, rewards, stats: list, norms: list, zero_var: int, ti
     mfu = compute_mfu(model_flops(net, t["tok_trained"], seq, logit_rows=t["len_sum"]), tmax["update"], peak,
                       d.world_size)  # logits only at the response tokens
     return {
-        "reward": t["r_sum"] / count, "reward_std": math.sqrt(max(0.0, t["r_sq"] / count - (t["r_sum"] / count) ** 2)),
+        "reward": t["r_sum"] / max(1, t["scored"]),  # over the scored samples
+        "reward_std": math.sqrt(max(0.0, t["r_sq"] / max(1, t["scored"]) - (t["r_sum"] / max(1, t["scored"])) ** 2)),
+        "reward/unscored": (count - t["scored"]) / count,
         "acc": t["correct"] / count, "format": t["fmt_ok"] / count, "len_mean": t["len_sum"] / count,
         "len_max": tmax["len_max"], "truncated": t["truncated"] / count, "frac_zero_std": t["zero_var"] / t["groups"],
         "pg_loss": avg["pg_loss"], "clip_frac": avg["clip_frac"], "dual_clip_frac": avg["dual_clip_frac"],

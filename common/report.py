@@ -9,6 +9,7 @@ script inserts text with textContent only (common/templates/base.html).
 
 import base64
 import io
+import math
 import os
 import re
 from collections import defaultdict
@@ -104,9 +105,21 @@ def sample_entry(rec: dict) -> dict:
             "fin": rec.get("finish_reason"), "tok": rec.get("tokens"), "v": verdicts(rec)}
 
 
+def json_safe(obj):
+    """`obj` with every NaN/inf float replaced by None, recursively (dicts, lists, tuples): json.dumps would write
+    NaN, which is not JSON, and the page's JSON.parse would fail and leave the page blank (a NaN reward, trl#2737)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def render(path: str, template: str, **context) -> None:
-    """Render common/templates/`template` with `context` into `path`, atomically."""
-    html = ENV.get_template(template).render(**context)
+    """Render common/templates/`template` with `context` (json_safe) into `path`, atomically."""
+    html = ENV.get_template(template).render(**json_safe(context))
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(html)
 

@@ -30,6 +30,47 @@ def test_group_advantages_formula():
     assert grpo.group_advantages(torch.tensor([1.0, 1.0, 1.0]), 3).abs().max() == 0  # zero-variance group
 
 
+def test_unscored_rewards_leave_the_group_statistics():
+    """None/NaN rewards (NaN after score) are out of their group's mean and std and get advantage 0; before, one NaN
+    made the whole group's advantages NaN (trl#2737) and None counted as 0.0."""
+    nan = float("nan")
+    got = grpo.group_advantages(torch.tensor([1.0, nan, 0.0, 0.5, nan, nan, nan, nan, 2.0, nan, 2.0, 2.0]), 4)
+    x = [1.0, 0.0, 0.5]
+    mean = sum(x) / 3
+    std = math.sqrt(sum((v - mean) ** 2 for v in x) / 2)
+    want = [(x[0] - mean) / (std + 1e-6), 0.0, (x[1] - mean) / (std + 1e-6), (x[2] - mean) / (std + 1e-6)]
+    assert got[:4].tolist() == pytest.approx(want)
+    assert got[4:8].tolist() == [0.0] * 4  # nothing scored
+    assert got[8:].tolist() == [0.0] * 4  # scored members all equal: no signal, and not NaN
+    assert torch.isfinite(got).all()
+
+    class S:
+        text, token_ids, finish_reason = "x", [1, 2], "stop"
+
+    class E:
+        def __init__(self):
+            self.samples, self.rewards, self.item = [S() for _ in range(4)], [], None
+
+    rewards = iter([None, nan, 1.0, 0.0, float("inf"), 1.0, 1.0, 1.0])
+    eps = [E(), E()]
+    r, zero_var = grpo.score(eps, lambda *a: next(rewards), 4, 64, 0, 1.0, True, 1e-6, False, False)
+    assert [e.loss_mask for e in eps] == [[False, False, True, True], [False, True, True, True]]
+    assert int(torch.isnan(r).sum()) == 3 and zero_var == 1 and eps[0].advantages[:2] == [0.0, 0.0]
+
+
+def test_unscored_rewards_end_to_end(tmp_path, tiny_vl, toy_images):
+    """A reward that returns None or NaN for half the samples: the step trains on the rest (finite loss and grad
+    norm), metrics count reward/unscored, and the GRPO page's JSON holds null, not NaN (json.dumps writes NaN)."""
+    args = [a if a != "tests.toy_rewards:image_parity" else "tests.toy_rewards:unscorable" for a in TOY]
+    run_py("grpo.py", "--model", tiny_vl, "--data", toy_images, *args, "--max_steps", "1", "--log_every", "1",
+           "--log_rollouts", "16",
+           "--out", str(tmp_path / "t"))
+    m = _metrics(tmp_path / "t")[-1]
+    assert m["reward/unscored"] == 0.5 and m["reward"] == 0.5 and math.isfinite(m["grad_norm"]), m
+    html = open(tmp_path / "t" / "report.html").read()
+    assert "NaN" not in html and '"reward":null' in html
+
+
 def _reference_loss(lp, old, ref, adv, mask, eps_l, eps_h, c, beta, kl_type, agg, norm, max_len, ent=None, ent_c=0.0):
     """The loss written out token by token with plain Python floats."""
     B, T = len(lp), len(lp[0])

@@ -10,3 +10,13 @@ def image_parity(item, token_ids):
         return 0.0
     want = "ABCDEFGH".index(item.answer_label) % 2
     return sum(t % 2 == want for t in token_ids) / len(token_ids)
+
+
+_calls = [0]
+
+
+def unscorable(item, token_ids):
+    """Cycles None, NaN, 1.0, 0.0 over calls: a reward function that cannot score half the samples (grpo.py must
+    leave those out of the loss and of their groups' statistics, and count them)."""
+    _calls[0] += 1
+    return [None, float("nan"), 1.0, 0.0][(_calls[0] - 1) % 4]
