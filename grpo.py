@@ -42,6 +42,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 from common import checkpoint, cli, dist, forward, fsdp, grading, prompts, report, speed
@@ -418,18 +419,31 @@ def validation_due(step: int, start_step: int, last_step: bool, val_every: int, 
     return last_step or (step % val_every == 0 and (step > 0 or val_before_train))
 
 
-def validate(llm, net, val_data: str, val_limit: int, seed: int, new_tokens: int, processor, tokenizer, d) -> dict:
-    """Greedy accuracy (the paper's lenient grader) and strict reward on the first `val_limit` items, split over
-    ranks. Rows that cannot be graded here (bad rows, image items for a text-only policy) are counted as skipped;
-    an item whose prompt the processor cannot encode is counted as failed and left out, so one bad item never
-    costs the others their validation (each prompt is encoded alone first: a batch error would stop the rollout)."""
+def val_rows(n: int, val_limit: int) -> list:
+    """The validation subset: all n rows when n <= val_limit, else `val_limit` rows of a seeded permutation, the way
+    upstream built its 400-row val set (RECIPE §1.3: `--shuffle --dataset_size 400`, seed 42; datasets' shuffle is
+    numpy default_rng(seed).permutation), in row order. The first rows in file order would be one benchmark's."""
+    return list(range(n)) if n <= val_limit else sorted(np.random.default_rng(42).permutation(n)[:val_limit].tolist())
+
+
+def validate(llm, net, val_data: str, val_limit: int, max_prompt_length: int, seed: int, new_tokens: int, processor,
+             tokenizer, d) -> dict:
+    """Greedy accuracy (the paper's lenient grader) and strict reward on `val_limit` items (val_rows), split over
+    ranks. Rows that cannot be graded here (bad rows, image items for a text-only policy, prompts over
+    max_prompt_length, as training rows: vLLM's max_model_len would refuse them and stop the run) are counted as
+    skipped (val/over_long of them over-long); an item whose prompt the processor cannot encode is counted as failed
+    and left out, so one bad item never costs the others their validation (each prompt is encoded alone first: a
+    batch error would stop the rollout)."""
     vrows = load_rows(val_data, "test")
     vroot = data_root(val_data)
     control = control_strings(tokenizer)
-    eps, skipped, failed = [], 0, 0
-    for i in range(d.rank, min(len(vrows), val_limit), d.world_size):
+    eps, skipped, failed, over_long = [], 0, 0, 0
+    for i in val_rows(len(vrows), val_limit)[d.rank :: d.world_size]:
         try:
             it = admit_row(vrows, i, vroot, control, text_only=processor is None)
+            if prompts.prompt_tokens(processor, tokenizer, it) > max_prompt_length:
+                over_long += 1
+                raise RowError("over-long")
         except RowError:
             skipped += 1  # bad rows are data_prep.py's to report
             continue
@@ -445,9 +459,9 @@ def validate(llm, net, val_data: str, val_limit: int, seed: int, new_tokens: int
                    dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=new_tokens))
     acc = sum(grading.lenient_correct(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
     rew = sum(grading.strict_reward(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
-    cnt, acc, rew, skipped, failed = dist.all_reduce_many([len(eps), acc, rew, skipped, failed])
+    cnt, acc, rew, skipped, failed, over_long = dist.all_reduce_many([len(eps), acc, rew, skipped, failed, over_long])
     return {"val/acc": acc / max(1, cnt), "val/reward": rew / max(1, cnt), "val/items": cnt, "val/skipped": skipped,
-            "val/failed": failed}
+            "val/over_long": over_long, "val/failed": failed}
 
 
 def score(eps: list, reward_fn, G: int, max_new_tokens: int, overlong_buffer: int, overlong_factor: float,
@@ -702,7 +716,7 @@ def main(
     max_bad_steps: int = 3,  # consecutive non-finite steps before the run stops
     # Validation, checkpoints, logging
     val_data: str = "",  # eval-schema folder/hub id for greedy validation ('' = none)
-    val_limit: int = 400,  # items per validation (recipe: a 400-row subset)
+    val_limit: int = 400,  # items per validation: a seeded subset of that many (RECIPE §1.3: 400)
     val_every: int = 50,  # steps (0 = never); recipe test_freq 50
     val_before_train: bool = True,  # validate at step 0 too (recipe: true except 32B)
     val_max_new_tokens: int = 4096,  # greedy response cap for validation
@@ -807,7 +821,7 @@ def main(
     while True:
         last_step = step >= total
         if val_data and validation_due(step, start_step, last_step, val_every, val_before_train):
-            v = validate(llm, net, val_data=val_data, val_limit=val_limit, seed=mix_seed(seed, -1 - step),
+            v = validate(llm, net, val_data, val_limit, max_prompt_length, seed=mix_seed(seed, -1 - step),
                          new_tokens=val_max_new_tokens, processor=processor, tokenizer=tokenizer, d=d)
             log.log(step, v, val_line(step, v))
         if step > 0 and (last_step or (save_every and step % save_every == 0)):

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -219,6 +220,25 @@ def test_zero_steps_still_validates_and_writes_its_page(tmp_path, tiny_vl, toy_i
     assert "no step, no HF folder" in p.stdout
     assert (tmp_path / "z" / "report.html").exists() and (tmp_path / "z" / "curves.png").exists()
     assert not (tmp_path / "z" / "ckpt").exists() and not (tmp_path / "z" / "final").exists()
+
+
+def test_validation_rows_are_a_seeded_subset_and_over_long_ones_are_skipped(tmp_path, tiny_vl, toy_images):
+    """--val_limit takes upstream's seeded subset (datasets' shuffle(seed=42), RECIPE §1.3), not the first rows in file
+    order; a validation prompt over --max_prompt_length is counted and skipped, as a training row is (on vLLM it
+    would exceed max_model_len and stop the run at step 0)."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"i": list(range(50))})
+    assert grpo.val_rows(50, 7) == sorted(ds.shuffle(seed=42)["i"][:7]) != list(range(7))
+    assert grpo.val_rows(5, 7) == list(range(5))
+    rows = [json.loads(x) for x in open(toy_images)][:4]
+    rows.append({**rows[0], "dataset_index": 99, "question": "Is the image dark or bright? " + "bright lesion " * 900})
+    shutil.copytree(os.path.join(os.path.dirname(toy_images), "img"), tmp_path / "img")  # a link would escape
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_py("grpo.py", "--model", tiny_vl, "--data", toy_images, *TOY, "--max_steps", "0", "--max_prompt_length", "300",
+           "--val_data", str(tmp_path / "val.jsonl"), "--val_max_new_tokens", "2", "--out", str(tmp_path / "v"))
+    v = [r for r in _metrics(tmp_path / "v") if "val/items" in r][0]
+    assert v["val/items"] == 4 and v["val/over_long"] == 1 and v["val/skipped"] == 1, {k: v[k] for k in v if "val" in k}
 
 
 def test_two_ranks_run_and_validate(tmp_path, tiny_vl, toy_images, vqa_rad_eval):
