@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
-from common import cli, dist, grading, prompts, report, speed
+from common import checkpoint, cli, dist, grading, prompts, report, speed
 from common.data import RowError, admit_row, column, data_root, load_image, load_rows, mix_seed, reason_kind, read_row
 from common.faults import crash_point
 from common.files import atomic_file, check_output, read_jsonl, repair_tail, write_json, write_jsonl
@@ -41,6 +41,9 @@ from common.model import Attn, Dtype, control_strings, load_model, load_processo
 # dataset_name -> column of the paper's tables, in their order (RECIPE §8)
 COLUMNS = {"pmc_vqa": "PMC", "MMMU-medical": "MMMU", "MedXpertQA-MM": "MedX-M", "pathvqa_closed": "PathVQA",
            "slake_closed": "SLAKE", "vqa_rad_closed": "VQA-Rad"}
+# A result folder resumes only for the same weights (checkpoint.model_id, not the --model spelling) and the same flags
+# that shape an answer; --runs, --benchmarks and --limit may grow, the engine and batch size may change.
+RESUME_SAME = ("model_id", "data", "split", "samples", "temperature", "top_p", "max_new_tokens", "seed", "dtype")
 
 # -----------------------------------------------------------------------------------------------------------------
 # Pure helpers (tested directly)
@@ -395,8 +398,12 @@ def main(
     name = name or os.path.basename((os.path.realpath(path) if os.path.exists(path) else path).rstrip("/"))
     out = out or os.path.join("outputs", "eval", name)
     check_output(out)
+    config = {**user_config, "model_id": checkpoint.model_id(path)}  # who wrote the records, and how
+    if glob.glob(os.path.join(out, "items*.jsonl")) and os.path.exists(os.path.join(out, "config.json")):
+        with open(os.path.join(out, "config.json")) as f:  # resuming: the records must be this model's, this way
+            checkpoint.check_same_run(json.load(f), config, RESUME_SAME, out)
     if d.is_main:
-        write_json(os.path.join(out, "config.json"), user_config)
+        write_json(os.path.join(out, "config.json"), config)
     dist.barrier()
 
     # Data: validate every row once; unusable rows are reported, counted and skipped. Which rows: the benchmark

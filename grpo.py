@@ -58,6 +58,13 @@ from common.model import Attn, Dtype, build_meta, control_strings, load_processo
 DATASETS = {"text": "data/m23k_3b_e2h", "image": "data/pmc_vqa_3b_e2h"}
 EPOCHS = {"text": 5, "image": 1}  # recipe: RL(m23k) 5 epochs, RL(PMC) 1 epoch
 # The few knobs that depend on model size: responses per micro-batch per GPU and rollout tensor parallelism.
+# Flags a run continued by --resume auto must keep (they shape its data order, rollouts, rewards or loss); the
+# micro-batch, engine, offload and logging may change (the update is exact under any micro-batch split).
+RESUME_SAME = ("model", "ref_model", "data", "split", "shuffle", "data_seed", "max_prompt_length", "group_size",
+               "temperature", "top_p", "max_new_tokens", "reward", "train_batch", "mini_batch", "lr", "weight_decay",
+               "beta1", "beta2", "grad_clip", "norm_std", "adv_eps", "clip_low", "clip_high", "clip_c", "kl_coef",
+               "kl_type", "entropy_coef", "loss_agg", "drop_zero_var", "mask_truncated", "overlong_buffer",
+               "overlong_penalty_factor", "seed", "dtype", "freeze_vision")
 # micro_batch: the most responses per micro-step whose worst case (every response at max_new_tokens) fits 80 GB, from
 # the simulation (README "Will it fit"); upstream's 32 (7B) and 16 (32B) do not at the worst case. Loss and gradient
 # do not depend on it (tested), only speed and memory do.
@@ -635,13 +642,16 @@ def write_pages(out: str, title: str, metrics: list) -> None:
                       report.read_rollouts(os.path.join(out, "rollouts.jsonl")), os.path.join(out, "curves.png"))
 
 
-def resume_step(resume: str, out: str, net, opt) -> int:
+def resume_step(resume: str, out: str, net, opt, user_config: dict) -> int:
     """Load the checkpoint `resume` names into the actor and optimizer ("auto": checkpoint.latest of out/ckpt, if
-    any; "": none) and return its step; 0 when nothing was loaded."""
+    any; "": none) and return its step; 0 when nothing was loaded. Continuing a run (auto) with another value of a
+    RESUME_SAME flag stops with the flag named (checkpoint.check_same_run)."""
     path = (checkpoint.latest(os.path.join(out, "ckpt"), report=dist.print0) if resume == "auto" else resume) \
         if resume else ""
     if not path:
         return 0
+    if resume == "auto":
+        checkpoint.check_same_run(checkpoint.saved_config(path), user_config, RESUME_SAME, path)
     step = checkpoint.load(path, net, opt)["step"]
     dist.print0(f"resumed from {path} at step {step}")
     return step
@@ -813,7 +823,7 @@ def main(
     sampling = dict(n=G, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
 
     # Resume
-    step = resume_step(resume, out, net, opt)
+    step = resume_step(resume, out, net, opt, user_config)
     llm.mark_stale()  # the actor may be a checkpoint's now (vLLM holds dummy weights until its first push anyway)
     start_step, bad = step, 0
 

@@ -38,6 +38,10 @@ from common.model import Attn, Dtype, build_meta, control_strings, load_processo
 DATASETS = {"text": ["UCSC-VLAA/MedVLThinker-m23k-tokenized"],
             "image": ["UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized"]}
 DATASETS["mixed"] = DATASETS["text"] + DATASETS["image"]
+# Flags a run continued by --resume auto must keep (they change its data order, schedule or loss); micro_batch may
+# change (the loss is exact under any split: the way out of an out-of-memory), and so may max_steps.
+RESUME_SAME = ("model", "data", "split", "max_length", "packing", "loss_agg", "lr", "schedule", "warmup_ratio", "beta1",
+               "beta2", "weight_decay", "grad_clip", "global_batch", "epochs", "seed", "dtype", "freeze_vision")
 # The few knobs that depend on model size (everything else is a flag; run/sft_*.sh spell them out). Activation
 # checkpointing is on for every size: upstream had it off for 3B/7B, but a 32768-token sample then needs 207 GiB
 # (3B) and 286 GiB (7B) per rank in the simulation (README "Will it fit"); it changes no number, only memory/speed.
@@ -334,6 +338,8 @@ def main(
     if resume:
         path = checkpoint.latest(os.path.join(out, "ckpt"), report=dist.print0) if resume == "auto" else resume
         if path:
+            if resume == "auto":  # the same run continuing: the flags that shape its numbers must not have changed
+                checkpoint.check_same_run(checkpoint.saved_config(path), user_config, RESUME_SAME, path)
             state = checkpoint.load(path, net, opt)
             step = state["step"]
             dist.print0(f"resumed from {path} at step {step}")

@@ -9,6 +9,7 @@ as it is.
 """
 
 import glob
+import hashlib
 import json
 import os
 import pickle
@@ -237,3 +238,42 @@ def save_step(out: str, step: int, model, optimizer, *, fresh: bool, state: dict
         if os.path.lexists(link):
             os.remove(link)
         os.symlink(export, link)
+
+
+def model_id(path: str) -> str:
+    """A fingerprint of the weights `path` names: for a local folder, sha256 over its config.json and, per weights
+    file, its name, size and first and last MiB (two exports of one architecture at the same step differ there; a
+    copy does not); for a hub id, the id itself. 16 hex digits."""
+    if not os.path.isdir(path):
+        return path
+    h = hashlib.sha256()
+    for name in ["config.json"] + sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt"))):
+        f = os.path.join(path, name)
+        if not os.path.exists(f):
+            continue
+        size = os.path.getsize(f)
+        h.update(f"{name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def check_same_run(saved: dict, current: dict, keys: tuple, what: str) -> None:
+    """Refuse to continue `what` (a checkpoint or a result folder) with flags that change results: SystemExit naming
+    each of `keys` whose value in `current` differs from `saved` (the run's recorded config; a key it lacks is not
+    compared). Before, a resume after --global_batch 8 -> 16 trained epoch 0 on 32 of 48 rows, and an evaluation of
+    another model into the same --out reported the first model's answers."""
+    norm = lambda v: json.loads(json.dumps(v))  # noqa: E731  (tuples read back as lists)
+    diff = [f"--{k} {saved[k]!r} -> {current[k]!r}" for k in keys
+            if k in saved and k in current and norm(saved[k]) != norm(current[k])]
+    if diff:
+        raise SystemExit(f"{what} was written with other settings ({'; '.join(diff)}): use the same values, or "
+                         "another --out")
+
+
+def saved_config(path: str) -> dict:
+    """The user_config a resumable checkpoint was saved with ({} for checkpoints that predate it)."""
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f).get("user_config", {})

@@ -244,3 +244,18 @@ def test_unknown_benchmark_names_are_refused_with_the_known_ones(tmp_path, tiny_
                "--runs", "1", "--benchmarks", "toy,tyo", "--out", str(tmp_path / "ev"), check=False)
     assert p.returncode != 0 and "'tyo'" in p.stdout and "toy" in p.stdout.split("'tyo'")[-1], p.stdout[-2000:]
     assert not (tmp_path / "ev" / "items.jsonl").exists()
+
+
+def test_resume_refuses_another_model_or_generation_flags(tmp_path, tiny_vl_tags, tiny_vl):
+    """Issue 20 §6: a second model evaluated into the same --out reported the first model's answers, and a rerun with
+    another --max_new_tokens kept the old ones. The folder's config records the weights (checkpoint.model_id) and
+    the answer-shaping flags; a resume with others stops naming them, more --runs still resume."""
+    data = _tags_rows(tmp_path)
+    args = ["evaluate.py", "--data", data, "--dtype", "fp32", "--batch_size", "2", "--out", str(tmp_path / "ev")]
+    run_py(*args, "--model", tiny_vl_tags, "--max_new_tokens", "4", "--runs", "1")
+    p = run_py(*args, "--model", tiny_vl_tags, "--max_new_tokens", "6", "--runs", "1", check=False)
+    assert p.returncode != 0 and "--max_new_tokens 4 -> 6" in p.stdout, p.stdout[-1500:]
+    p = run_py(*args, "--model", tiny_vl, "--max_new_tokens", "4", "--runs", "1", check=False)
+    assert p.returncode != 0 and "--model_id" in p.stdout, p.stdout[-1500:]
+    run_py(*args, "--model", tiny_vl_tags, "--max_new_tokens", "4", "--runs", "2")
+    assert json.load(open(tmp_path / "ev" / "summary.json"))["benchmarks"]["toy"]["n_items"] == 3

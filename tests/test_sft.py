@@ -159,6 +159,19 @@ def test_kill_and_resume_reproduces_the_run_exactly(tmp_path, tiny_vl, sample_da
     assert a == (tmp_path / "b" / "final" / "model.safetensors").read_bytes()
 
 
+def test_resume_refuses_changed_result_flags(tmp_path, tiny_text, sample_data):
+    """Issue 20 §6: a run continued with another --global_batch used to resume silently (epoch 0 then trained on 32
+    of 48 rows). --resume auto now stops naming the flag; --micro_batch may change (the loss is exact under any split)."""
+    data = os.path.join(sample_data, "text")
+    args = ["sft.py", "--model", tiny_text, "--data", data, "--dtype", "fp32", "--global_batch", "4", "--micro_batch",
+            "2", "--save_every", "1", "--export_every_epoch", "false", "--out", str(tmp_path / "r")]
+    run_py(*args, "--max_steps", "1")
+    p = run_py(*args, "--max_steps", "2", "--global_batch", "8", check=False)
+    assert p.returncode != 0 and "--global_batch 4 -> 8" in p.stdout, p.stdout[-1500:]
+    p = run_py(*args, "--max_steps", "2", "--micro_batch", "1")
+    assert "resumed from" in p.stdout
+
+
 def test_two_ranks_match_one(tmp_path, tiny_vl, sample_data):
     data = os.path.join(sample_data, "image")
     run_py(*_args(tiny_vl, data, tmp_path / "one"), "--max_steps", "3")
