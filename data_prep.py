@@ -38,8 +38,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from common import cli, grading, prompts
-from common.data import (RowError, bound_image, data_root, features, load_image, load_rows, parse_row, reason_kind, to_row,
-                         undecoded)
+from common.data import (JsonlRows, RowError, bound_image, data_root, features, load_image, load_rows, parse_row,
+                         read_row, reason_kind, to_row, undecoded)
 from common.files import atomic_dir, iter_jsonl, read_jsonl, write_json, write_jsonl
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -685,6 +685,13 @@ def filter_set(
         print(f"note: pass counts are out of {n} samples; --min_pass {min_pass} --max_pass {max_pass} are counts "
               f"(the recipe's 1..7 are of 16)")
     ds = load_rows(data)
+    if isinstance(ds, JsonlRows):  # a .jsonl source becomes a Dataset (the filter writes parquet); a bad line stops
+        import datasets
+
+        try:
+            ds = datasets.Dataset.from_list([read_row(ds, i) for i in range(len(ds))])
+        except RowError as e:
+            raise SystemExit(f"{data}: {e}") from None
     before = Counter(counts.get(i, -1) for i in ds["dataset_index"])
     ds = ds.map(lambda i: {"pass_count": counts.get(i, -1)}, input_columns="dataset_index")
     keep = ds.filter(lambda c: min_pass <= c <= max_pass, input_columns="pass_count")

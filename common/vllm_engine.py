@@ -204,14 +204,18 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         self._ready()
-        reqs = [{"prompt": p.text, "multi_modal_data": {"image": p.images}} if p.images else {"prompt": p.text}
-                for p in prompts]
+        # token ids, not text: given text, vLLM tokenizes with the tokenizer's special tokens, and a tokenizer that
+        # adds its own BOS under a template that writes one gets a second (vllm#27486; measured: 140 ids vs 139).
+        # The ids are the trainer's and the HF engine's (add_special_tokens=False); vLLM expands the image pads.
+        reqs = [{"prompt_token_ids": self.tokenizer(p.text, add_special_tokens=False)["input_ids"],
+                 **({"multi_modal_data": {"image": p.images}} if p.images else {})} for p in prompts]
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                                  seed=None if temperature == 0 else s % 2**31, detokenize=False,
                                  logit_bias={t: -100.0 for t in self.banned} or None, logprobs=0 if logprobs else None)
                   for s in seeds]
-        results = []
+        results, self.last_prompt_ids = [], []
         for p, req_out in zip(prompts, self.llm.generate(reqs, params, use_tqdm=False)):
+            self.last_prompt_ids.append(list(req_out.prompt_token_ids))  # what the model saw (image pads expanded)
             samples, pre = [], response_prefill(p, self.prefill)
             for o in req_out.outputs:
                 lps = [d[t].logprob for d, t in zip(o.logprobs, o.token_ids)] if logprobs and o.logprobs else None

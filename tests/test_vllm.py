@@ -41,7 +41,8 @@ def test_engine_parity_weight_push_and_state(tmp_path, smollm2, tiny_vl_vllm):
     """Engine level (tests/vllm_worker.py): greedy tokens equal the HF engine's after a push from dummy weights (the
     tied LM head included); sampled-token log-probs equal the trainer's; a weight change moves the engine to the
     trainer's new log-probs; rollout -> validate -> discarded weights -> rollout -> update -> rollout all run on
-    current weights (fault 2); images through multi_modal_data; vision tokens never sampled."""
+    current weights (fault 2); images through multi_modal_data; vision tokens never sampled; vLLM sees the trainer's
+    token ids, also under a tokenizer that adds its own BOS (issue 20 §4: given text it saw 106 ids against 105)."""
     out = tmp_path / "parity.json"
     p = run_py(os.path.join("tests", "vllm_worker.py"), "parity", smollm2, tiny_vl_vllm, str(out), timeout=900)
     r = json.load(open(out))
@@ -49,6 +50,7 @@ def test_engine_parity_weight_push_and_state(tmp_path, smollm2, tiny_vl_vllm):
     assert r["weight_change_engine_moved"] > 0.05
     assert [ph for ph, _ in r["sequence"]] == ["rollout", "validate", "rollout", "rollout"]
     assert r["vl_banned_sampled"] == 0 < r["vl_banned_sampled_without_ban"]
+    assert r["bos_ids_vllm"] == r["bos_ids_trainer"]  # one BOS on both sides (vLLM given text added a second)
     _clean_exit(p)
 
 
@@ -109,17 +111,25 @@ def test_evaluate_vllm_equals_hf_images(tmp_path, tiny_vl_vllm, sample_data):
     assert len(hf) == 3 and hf == vl
 
 
-def test_passrate_vllm_end_to_end(tmp_path, tiny_vl_vllm, sample_data):
-    """The recipe's pass-count run (evaluate.py sampling n per item on training data, vLLM), then data_prep filter."""
-    out, data = tmp_path / "pr", os.path.join(sample_data, "image")
-    p = run_py("evaluate.py", "--data", data, "--model", tiny_vl_vllm, "--engine", "vllm", "--dtype", "fp32",
-               "--runs", "1", "--samples", "4", "--temperature", "1.0", "--max_new_tokens", "8", "--limit", "3",
+def test_passrate_vllm_end_to_end(tmp_path, tiny_vl_tags_vllm):
+    """The recipe's pass-count run (evaluate.py sampling n per item, vLLM), then data_prep filter, with counts known
+    in advance: the scripted model answers A to everything, so an A item passes 4 of 4 samples and a B item 0 of 4
+    (issue 20 §12: the old check, 0 <= count <= 4, passed with any count). Filtering at 1..4 keeps the A items."""
+    from test_evaluate import _tags_rows
+
+    rows = [json.loads(x) for x in open(_tags_rows(tmp_path))][:3]
+    rows[1] = {**rows[1], "answer_label": "B", "answer": "Right"}
+    data = tmp_path / "pr.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "pr"
+    p = run_py("evaluate.py", "--data", str(data), "--model", tiny_vl_tags_vllm, "--engine", "vllm", "--dtype",
+               "fp32", "--runs", "1", "--samples", "4", "--temperature", "1.0", "--max_new_tokens", "12",
                "--out", str(out), timeout=600)
     _clean_exit(p)
     counts, n = dp.pass_counts(str(out))
-    assert n == 4 and len(counts) == 3 and all(0 <= c <= 4 for c in counts.values())
-    dp.filter_set(data=data, passrate=str(out), min_pass=0, max_pass=4, out=str(tmp_path / "f"))
-    assert json.load(open(tmp_path / "f" / "manifest.json"))["rows_out"] == 3
+    assert n == 4 and counts == {0: 4, 1: 0, 2: 4}, counts
+    dp.filter_set(data=str(data), passrate=str(out), min_pass=1, max_pass=4, out=str(tmp_path / "f"))
+    assert json.load(open(tmp_path / "f" / "manifest.json"))["rows_out"] == 2
 
 
 def test_evaluate_vllm_grades_tags_and_prefill(tmp_path, tiny_vl_tags_vllm):

@@ -54,6 +54,26 @@ def engine_logprobs(eng, ids: list, start: int) -> torch.Tensor:
     return torch.tensor([out.prompt_logprobs[k][ids[k]].logprob for k in range(start, len(ids))])
 
 
+def with_bos_tokenizer(folder: str, dest: str) -> str:
+    """A copy of `folder` whose tokenizer prepends <|endoftext|> (id 0) as BOS when special tokens are added."""
+    import os
+    import shutil
+
+    shutil.copytree(folder, dest, dirs_exist_ok=True)
+    path = os.path.join(dest, "tokenizer.json")
+    with open(path) as f:
+        t = json.load(f)
+    t["post_processor"] = {"type": "TemplateProcessing",
+                           "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+                                      {"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0],
+                                                                 "tokens": ["<|endoftext|>"]}}}
+    with open(path, "w") as f:
+        json.dump(t, f)
+    return dest
+
+
 def zero_engine_weights(worker):
     """What sleep(level=2) leaves behind, made physical on a platform without sleep mode: weights that are gone."""
     with torch.no_grad():
@@ -154,6 +174,19 @@ def parity(smollm2: str, tiny_vl: str, out: str):
     assert all(w < 1e-3 for _, w in seq), seq
     eng.shutdown()
 
+    # 4b. a tokenizer that adds its own BOS (post-processor), under a chat template that writes its own start: both
+    #     engines must see the trainer's ids (vLLM given text added a second BOS, vllm#27486)
+    bos_dir = with_bos_tokenizer(smollm2, out + ".bos")
+    btok = load_processor(bos_dir)[1]
+    bp = text_prompts(btok)[:1]
+    want = G.encode(None, btok, bp[0]).ids.tolist()
+    assert btok(bp[0].text)["input_ids"][0] == 0 != want[0]  # the tokenizer does add one; our encoding does not
+    beng = VLLMEngine(bos_dir, btok, dtype="fp32", is_vl=False, max_model_len=1024)
+    beng.generate(bp, max_new_tokens=2)
+    report.update(bos_ids_trainer=len(want), bos_ids_vllm=len(beng.last_prompt_ids[0]))
+    assert beng.last_prompt_ids[0] == want, (len(want), len(beng.last_prompt_ids[0]))
+    beng.shutdown()
+
     # 5. tiny Qwen2.5-VL: image prompts through multi_modal_data give the HF engine's greedy tokens; vision special
     #    tokens are never sampled (and would be without the ban: the check can fail)
     proc, vtok = load_processor(tiny_vl)
@@ -162,6 +195,8 @@ def parity(smollm2: str, tiny_vl: str, out: str):
     vref = G.HFEngine(vmodel, proc, vtok, batch_size=3).generate(vps, max_new_tokens=16)
     veng = VLLMEngine(tiny_vl, vtok, dtype="fp32", is_vl=True, max_model_len=1024)
     vgot = veng.generate(vps, max_new_tokens=16)
+    for p, seen in zip(vps, veng.last_prompt_ids):  # the same ids as the HF engine's, image pads expanded
+        assert seen == G.encode(proc, vtok, p).ids.tolist(), (len(seen), len(G.encode(proc, vtok, p).ids))
     for r, g in zip(vref, vgot):
         assert r[0].token_ids == g[0].token_ids, (r[0].token_ids, g[0].token_ids)
     report["vl_greedy_equal"] = len(vref)
