@@ -30,8 +30,13 @@ def poison(name: str, step: int) -> float:
     return float("nan") if point == name and str(step) in steps.split(",") else 1.0
 
 
+def injected(name: str) -> bool:
+    """Whether MEDVL_FAULT (comma-separated) lists `name`."""
+    return name in os.environ.get("MEDVL_FAULT", "").split(",")
+
+
 def fault(name: str) -> None:
-    """Raise RuntimeError("injected fault: name") when MEDVL_FAULT (comma-separated) lists `name`: a systemic failure,
-    as a dead engine or a CUDA error would raise on every call."""
-    if name in os.environ.get("MEDVL_FAULT", "").split(","):
+    """Raise RuntimeError("injected fault: name") when MEDVL_FAULT lists `name`: a systemic failure, as a dead engine
+    or a CUDA error would raise on every call."""
+    if injected(name):
         raise RuntimeError(f"injected fault: {name}")

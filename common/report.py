@@ -24,6 +24,7 @@ THUMB_SIDE = 128  # px, longest side of a thumbnail (JPEG, quality 70: ~3 KB for
 ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
                          autoescape=True, undefined=jinja2.StrictUndefined)
 ENV.policies["json.dumps_kwargs"] = {"sort_keys": False, "separators": (",", ":")}  # compact: pages hold 10k rows
+ENV.filters["num"] = lambda v, spec="%.2f": "n/a" if v is None else spec % v  # json_safe made NaN/inf None
 TAG = re.compile(r"(</?(?:think|answer)>)", re.IGNORECASE)
 
 # -----------------------------------------------------------------------------------------------------------------

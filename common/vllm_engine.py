@@ -14,6 +14,7 @@ import torch
 
 from common import dist
 from common.generate import Prompt, Sample, block, prefill_of, response_prefill
+from common.faults import injected
 from common.model import DTYPES, banned_token_ids, decode_response, load_config, response_drop_ids
 
 
@@ -165,7 +166,11 @@ class VLLMEngine:
         if self.sleep_mode and self.weights == "discarded":
             self.llm.wake_up(tags=["weights"])
         stream = ((name, tensor.detach().to(self.dtype)) for name, tensor in named_tensors)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream, "is_checkpoint_format": True})
+        if injected("vllm_push"):  # a push that silently fails (the tests' broken-on-purpose case): gathered, unloaded
+            for _ in stream:
+                pass
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream, "is_checkpoint_format": True})
         self.llm.collective_rpc(_refresh_lm_heads)
         self.llm.reset_prefix_cache()
         self.weights = "current"

@@ -174,7 +174,8 @@ def nan_trials(fx: dict, work: str) -> list:
         shutil.rmtree(d, ignore_errors=True)
         p = sh(stage_args(stage, fx, d) + ["--max_steps", "3"], env={"MEDVL_NAN": point}, check=False)
         skipped = sum(1 for x in open(os.path.join(d, "metrics.jsonl")) if '"skipped": 1' in x)
-        out.append({"case": f"NaN at {point}", "ok": p.returncode == 0 and skipped == ok_steps})
+        out.append({"case": f"NaN at {point}", "ok": p.returncode == 0 and skipped == ok_steps, "rc": p.returncode,
+                    "skipped": skipped, "tail": p.stdout[-1500:]})
     d = os.path.join(work, "nan_stop")
     shutil.rmtree(d, ignore_errors=True)
     p = sh(stage_args("sft", fx, d) + ["--max_bad_steps", "3"], env={"MEDVL_NAN": "sft_grad:1,2,3"}, check=False)

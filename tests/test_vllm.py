@@ -78,6 +78,16 @@ def test_grpo_vllm_one_process(tmp_path, smollm2, sample_data):
     _clean_exit(p)
 
 
+def test_grpo_vllm_lane_catches_a_failed_push(tmp_path, smollm2, sample_data):
+    """Issue 20 §12: the lane's parity check must fail when the weights do not reach the engine. With every push
+    silently dropped (MEDVL_FAULT=vllm_push) the engine samples from its dummy weights and the trainer's log-probs of
+    those tokens differ far beyond TOL, so the lane's check (_check_grpo: < TOL at every step) fails, as it should."""
+    run_py("grpo.py", "--model", smollm2, "--data", os.path.join(sample_data, "text"), *GRPO, "--max_steps", "1",
+           "--val_every", "0", "--out", str(tmp_path / "g"), env={"MEDVL_FAULT": "vllm_push"}, timeout=900)
+    m = _metrics(tmp_path / "g")
+    assert m[1]["vllm_logprob_maxdiff"] > 100 * TOL, m[1]  # _check_grpo's `< TOL` fails on it
+
+
 def test_grpo_vllm_two_ranks(tmp_path, smollm2, sample_data):
     """torchrun, one engine per rank (external DP); 5 validation items split 3/2 over the ranks."""
     p = torchrun("grpo.py", "--model", smollm2, "--data", os.path.join(sample_data, "text"), *GRPO,
