@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import torch
 from PIL import Image
 
-from common import dist, generate as G, prompts
+from common import dist, forward, generate as G, prompts
 from common.model import banned_token_ids, load_model, load_processor
 from common.vllm_engine import VLLMEngine
 
@@ -52,6 +52,43 @@ def engine_logprobs(eng, ids: list, start: int) -> torch.Tensor:
     out = eng.llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0,
                                                                       detokenize=False), use_tqdm=False)[0]
     return torch.tensor([out.prompt_logprobs[k][ids[k]].logprob for k in range(start, len(ids))])
+
+
+def vl_trainer_logprobs(model, seg, response: list) -> torch.Tensor:
+    """(len(response),) log-probs of `response` after the encoded image prompt `seg` under the HF Qwen2.5-VL model:
+    the trainer's own path (forward.pack: mRoPE positions, image features in the <|image_pad|> slots). Keeps the
+    graph when grad is enabled."""
+    packed = forward.pack([forward.Segment(seg.ids, seg.pixel_values, seg.image_grid_thw,
+                                           branches=[torch.tensor(response)])], model)
+    return forward.token_logprobs(model, packed)[0]
+
+
+def vl_engine_logprobs(eng, prompt, response: list) -> torch.Tensor:
+    """The same log-probs from the vLLM engine: prompt_logprobs of prompt + response, the image through
+    multi_modal_data (vLLM expands the image pads). No cache is reset here: a push must drop what it invalidates."""
+    from vllm import SamplingParams
+
+    eng._ready()
+    head = eng.tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+    req = {"prompt_token_ids": head + list(response), "multi_modal_data": {"image": prompt.images}}
+    out = eng.llm.generate([req], SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False),
+                           use_tqdm=False)[0]
+    ids, n = list(out.prompt_token_ids), len(response)
+    assert ids[-n:] == list(response)
+    return torch.tensor([out.prompt_logprobs[k][ids[k]].logprob for k in range(len(ids) - n, len(ids))])
+
+
+# one parameter of each family of the vLLM Qwen2.5-VL model (vLLM name -> the trainer's, transformers 5). Both are
+# plain tensors in vLLM (its CPU linear weights are oneDNN-packed, shape (0,)); vLLM pads the vocabulary (512 rows
+# for the trainer's 511), so the embedding is compared on the trainer's rows
+VL_PROBES = {"visual.patch_embed.proj.weight": "model.visual.patch_embed.proj.weight",
+             "language_model.model.embed_tokens.weight": "model.language_model.embed_tokens.weight"}
+
+
+def engine_params(worker, names):
+    """Copies of the named parameters of the vLLM model (runs inside the worker, in-process)."""
+    params = dict(worker.model_runner.get_model().named_parameters())
+    return {n: params[n].detach().clone() for n in names}
 
 
 def with_bos_tokenizer(folder: str, dest: str) -> str:
@@ -207,6 +244,69 @@ def parity(smollm2: str, tiny_vl: str, out: str):
     free = veng.generate(vps, n=16, temperature=1.5, max_new_tokens=32, seeds=[3, 4, 5])
     report["vl_banned_sampled_without_ban"] = sum(t in banned for o in free for s in o for t in s.token_ids)
     assert report["vl_banned_sampled"] == 0 and report["vl_banned_sampled_without_ban"] > 0, report
+    veng.shutdown()
+
+    # 5b. tiny Qwen2.5-VL from dummy weights + a push from the trainer: the push reaches both the vision tower and the
+    #     language model (HF `model.visual.*` / `model.language_model.*` map onto vLLM's `visual.*` /
+    #     `language_model.model.*`), greedy image answers equal the HF engine's, and a weight change (one SGD step
+    #     through the image) moves the engine to the trainer's new log-probs
+    pushed = {}
+
+    def vl_source():
+        for name, p in vmodel.named_parameters():
+            family = name.split(".")[1] if name.startswith("model.") else name.split(".")[0]
+            pushed[family] = pushed.get(family, 0) + 1
+            yield name, p
+
+    veng = VLLMEngine(tiny_vl, vtok, dtype="fp32", is_vl=True, dummy_weights=True, max_model_len=1024,
+                      processor=proc, weight_source=vl_source)
+    assert veng.weights == "stale", veng.weights
+    dummy = veng.llm.collective_rpc(engine_params, args=(list(VL_PROBES),))[0]
+    vgot = veng.generate(vps, max_new_tokens=16)
+    assert veng.pushes == 1 and veng.weights == "current"
+    landed = veng.llm.collective_rpc(engine_params, args=(list(VL_PROBES),))[0]
+    hf_params = dict(vmodel.named_parameters())
+    report["vl_push_names"] = dict(pushed)
+    report["vl_push_checksums"] = {n: [float(dummy[n][: len(hf_params[h])].double().sum()),
+                                       float(landed[n][: len(hf_params[h])].double().sum()),
+                                       float(hf_params[h].detach().double().sum())] for n, h in VL_PROBES.items()}
+    for n, hf_name in VL_PROBES.items():
+        want = hf_params[hf_name].detach()
+        was, got = dummy[n][: len(want)], landed[n][: len(want)]
+        assert not torch.equal(was, got), f"{n}: unchanged by the push"
+        assert torch.equal(got, want), (n, float((got - want).abs().max()))
+    for r, g in zip(vref, vgot):
+        assert r[0].token_ids == g[0].token_ids, (r[0].token_ids, g[0].token_ids)
+    report["vl_pushed_greedy_equal"] = len(vref)
+
+    vp = vps[0]  # an image prompt
+    assert vp.images
+    vseg = G.encode(proc, vtok, vp)
+    vresp = veng.generate([vp], n=1, temperature=1.0, max_new_tokens=16, seeds=[11])[0][0].token_ids
+    before_engine = vl_engine_logprobs(veng, vp, vresp)  # fills vLLM's encoder cache with this image's features
+    before_trainer = vl_trainer_logprobs(vmodel, vseg, vresp).detach()
+    report["vl_logprob_vs_trainer_before"] = float((before_engine - before_trainer).abs().max())
+    assert report["vl_logprob_vs_trainer_before"] < 1e-3, report["vl_logprob_vs_trainer_before"]
+    vmodel.train()
+    loss = -vl_trainer_logprobs(vmodel, vseg, vresp).mean()  # = cross-entropy on the sampled response
+    loss.backward()
+    for family, module in (("visual", vmodel.model.visual), ("language_model", vmodel.model.language_model)):
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None]))
+        assert norm > 0, (family, norm)
+    with torch.no_grad():
+        for p in vmodel.parameters():
+            if p.grad is not None:
+                p -= 1e-3 * p.grad.sign()
+    vmodel.eval()
+    with torch.no_grad():
+        after_trainer = vl_trainer_logprobs(vmodel, vseg, vresp)
+    veng.mark_stale()
+    after_engine = vl_engine_logprobs(veng, vp, vresp)  # _ready() pushes first
+    moved = float((after_engine - before_engine).abs().max())
+    match = float((after_engine - after_trainer).abs().max())
+    report.update(vl_weight_change_engine_moved=moved, vl_weight_change_engine_vs_trainer=match,
+                  vl_pushes=veng.pushes)
+    assert veng.pushes == 2 and moved > 0.05 and match < 1e-3, (moved, match)
     veng.shutdown()
     dist.cleanup()
     with open(out, "w") as f:
