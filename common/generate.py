@@ -50,7 +50,7 @@ class Sample:
     token_ids: list  # response tokens, the stop token included when the response stopped
     text: str  # what the graders see: template prefill + decoded tokens, format tags kept (model.decode_response)
     finish_reason: str  # "stop" | "length"
-    logprobs: list | None = None  # per-token sampling log-probs (vllm engine, when asked)
+    logprobs: list | None = None  # per-token log-probs of the sampled tokens under the engine, when asked
 
 
 def encode(processor, tokenizer, prompt: Prompt) -> forward.Segment:
@@ -175,17 +175,20 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=4096, seeds=None, logprobs=False,
                  per_rank=True):
-        """[[Sample] * n] per prompt. `logprobs` and `per_rank` are the vLLM engine's: here samples carry no
-        log-probs (logprobs None) and every rank always generates exactly its own prompts."""
+        """[[Sample] * n] per prompt. With `logprobs` each sample carries its tokens' log-probs under the logits it
+        was drawn from, log_softmax(logits / temperature) before the vision-token ban (the trainer's own quantity,
+        forward.token_logprobs; temperature 0 counts as 1), so grpo.py's rollout mismatch measures only what the KV
+        cache and batching change (~1e-6 in fp32). `per_rank` is the vLLM engine's: every rank here always generates
+        exactly its own prompts."""
         training = self.model.training
         self.model.eval()
         try:
             with fsdp.gathered(self.model):
-                return self._generate(prompts, n, temperature, top_p, max_new_tokens, seeds)
+                return self._generate(prompts, n, temperature, top_p, max_new_tokens, seeds, logprobs)
         finally:
             self.model.train(training)
 
-    def _generate(self, prompts, n, temperature, top_p, max_new_tokens, seeds):
+    def _generate(self, prompts, n, temperature, top_p, max_new_tokens, seeds, logprobs=False):
         segs = [encode(self.processor, self.tokenizer, p) for p in prompts]
         seeds = seeds if seeds is not None else list(range(len(prompts)))
         order = sorted(range(len(prompts)), key=lambda i: -len(segs[i].ids))  # similar lengths share a batch
@@ -195,12 +198,12 @@ class HFEngine:
         for b in range(n_batches):
             idx = batches[b] if b < len(batches) else []
             outs = self._batch([segs[i] for i in idx], [seeds[i] for i in idx], n, temperature, top_p, max_new_tokens,
-                               [response_prefill(prompts[i], self.prefill) for i in idx])
+                               [response_prefill(prompts[i], self.prefill) for i in idx], logprobs)
             for i, samples in zip(idx, outs):
                 results[i] = samples
         return results
 
-    def _batch(self, segs, seeds, n, temperature, top_p, max_new_tokens, prefills):
+    def _batch(self, segs, seeds, n, temperature, top_p, max_new_tokens, prefills, logprobs=False):
         model, device = self.model, next(self.model.parameters()).device
         dummy = not segs  # this rank has no work left but must keep step with the others
         if dummy:
@@ -230,20 +233,25 @@ class HFEngine:
         next_pos = next_pos.repeat_interleave(n)
         rows = [(i, j) for i in range(B) for j in range(n)]
         gens = [torch.Generator().manual_seed(mix_seed(seeds[i], j)) for i, j in rows]
-        tokens, finish = [[] for _ in rows], ["length"] * len(rows)
+        tokens, finish, lps = [[] for _ in rows], ["length"] * len(rows), [[] for _ in rows]
         alive = list(range(len(rows)))  # original row index of each batch row
         idle = dummy  # True: this rank only keeps step with the others, its tokens are ignored
         attn = attn.to(device)
         t = -1
         while True:  # not a for-loop: under `synced` a rank may step past its own limit to keep pace
             t += 1
+            lsm = torch.log_softmax(logits.float() / (temperature or 1.0), -1) if logprobs and not idle else None
             if self.banned:
                 logits[:, self.banned] = float("-inf")
             nxt = sample_next(logits, temperature, top_p, [gens[r] for r in alive]).cpu()
+            if lsm is not None:
+                picked = lsm.gather(1, nxt[:, None].to(lsm.device))[:, 0].tolist()
             still = []
             if not idle:
                 for k, r in enumerate(alive):
                     tokens[r].append(int(nxt[k]))
+                    if lsm is not None:
+                        lps[r].append(picked[k])
                     if int(nxt[k]) in self.stop:
                         finish[r] = "stop"
                     else:
@@ -268,5 +276,6 @@ class HFEngine:
         out = []
         for i in range(B):
             out.append([Sample(tokens[i * n + j], decode_response(self.tokenizer, tokens[i * n + j], self.drop,
-                                                                  prefills[i]), finish[i * n + j]) for j in range(n)])
+                                                                  prefills[i]), finish[i * n + j],
+                               lps[i * n + j] if logprobs else None) for j in range(n)])
         return out

@@ -23,6 +23,7 @@ esac
   --max_new_tokens 4096 --max_prompt_length 2048 \
   --lr 1e-6 --weight_decay 0.01 --beta1 0.9 --beta2 0.999 --grad_clip 1.0 \
   --clip_low 0.2 --clip_high 0.2 --clip_c 3.0 --kl_coef 0.01 --kl_type k3 --entropy_coef 0 --loss_agg token-mean \
+  --importance_sampling_level token --rollout_correction none --max_rollout_mismatch 0.5 --dynamic_sampling false \
   --activation_checkpointing true --ref_offload true --dtype bf16 --shuffle true --data_seed 1 \
   --val_data data/eval --val_limit 400 --val_every 50 --save_every 50 \
   --out "outputs/grpo/$SIZE-$RUN" "$@"

@@ -118,6 +118,86 @@ def test_policy_loss_matches_written_out_formula(agg, kl_type):
     assert 0 < met["clip_frac"] < 1 and met["dual_clip_frac"] > 0
 
 
+def _reference_corrected(lp, old, roll, adv, mask, eps_l, eps_h, c, level, mode, cap, norm):
+    """GSPO and the rollout corrections written out element by element (token-mean, no KL), in torch scalars so
+    that autograd gives the reference gradient too. Sources: GSPO arXiv 2507.18071 eq. 5-7 (the sequence ratio
+    exp(mean_t log r)); TIS min(pi_old / pi_rollout, C) per token; MIS: keep a response iff its sequence ratio
+    prod_t pi_old / pi_rollout lies in [1/C, C]."""
+    B, T = lp.shape
+    total = lp.new_zeros(())
+    for i in range(B):
+        toks = [t for t in range(T) if mask[i][t]]
+        seq_lr = sum((lp[i, t] - old[i, t] for t in toks), lp.new_zeros(())) / max(1, len(toks))
+        seq_roll = sum(float(old[i, t] - roll[i, t]) for t in toks)
+        for t in toks:
+            lr = seq_lr if level == "sequence" else lp[i, t] - old[i, t]
+            r = torch.exp(torch.clamp(lr, -20, 20))
+            a = float(adv[i])
+            v = torch.maximum(-a * r, -a * torch.clamp(r, 1 - eps_l, 1 + eps_h))
+            if a < 0 and c > 1:
+                v = torch.minimum(v, torch.tensor(-a * c, dtype=lp.dtype))
+            if mode == "tis":
+                v = v * min(math.exp(float(old[i, t] - roll[i, t])), cap)
+            if mode == "mis":
+                v = v * (1.0 if 1 / cap <= math.exp(seq_roll) <= cap else 0.0)
+            total = total + v
+    return total / norm
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("mode", ["none", "tis", "mis"])
+def test_gspo_and_rollout_corrections_match_written_out_formulas(level, mode):
+    """Issue 18 §2, §5: values and gradients of GSPO (importance_sampling_level sequence) and of TIS / MIS against
+    the element-by-element reference; the rollout log-probs are far enough from old ones that TIS truncates some
+    tokens and MIS masks some responses, and GSPO's own clip range (3e-4/4e-4) clips some sequences."""
+    g = torch.Generator().manual_seed(3)
+    B, T = 6, 5
+    lp0 = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = lp0 + (torch.rand(B, T, generator=g, dtype=torch.float64) - 0.5) * (3e-3 if level == "sequence" else 2)
+    roll = old + (torch.rand(B, T, generator=g, dtype=torch.float64) - 0.5) * 1.6
+    adv = torch.tensor([1.3, -0.7, 0.0, -2.0, 0.4, 0.9], dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) > 0.25
+    cfg = grpo.loss_config(dict(importance_sampling_level=level, clip_low=-1, clip_high=-1, clip_c=3.0, kl_coef=0.0,
+                                kl_type="k3", loss_agg="token-mean", entropy_coef=0.0, max_new_tokens=T,
+                                rollout_correction=mode, rollout_correction_cap=2.0))
+    assert (cfg["clip_low"], cfg["clip_high"]) == ((3e-4, 4e-4) if level == "sequence" else (0.2, 0.2))
+    lp = lp0.clone().requires_grad_(True)
+    loss, met = grpo.policy_loss(lp, old, None, adv, mask, num_tokens=13.0, rollout_logp=roll, **cfg)
+    loss.backward()
+    lp_ref = lp0.clone().requires_grad_(True)
+    want = _reference_corrected(lp_ref, old, roll, adv, mask, cfg["clip_low"], cfg["clip_high"], 3.0, level, mode,
+                                2.0, 13.0)
+    want.backward()
+    assert float(loss) == pytest.approx(float(want), rel=1e-12, abs=1e-12)
+    torch.testing.assert_close(lp.grad, lp_ref.grad, rtol=1e-10, atol=1e-12)
+    assert 0 < met["clip_frac"] < 1  # some tokens (token) or sequences (GSPO) are clipped, some not
+    if mode == "tis":
+        w = grpo.rollout_weights(old, roll, mask, "tis", 2.0)
+        assert float(w[mask].max()) == 2.0 and float(w[mask].min()) < 1  # truncated at C, below 1 too
+    if mode == "mis":
+        assert 0 < met["mis_masked"] < 1  # some responses are masked, some kept
+
+
+def test_rollout_mismatch_figures():
+    """mean/max |d|, k3 = e^d - d - 1 and the count over log(C), on every masked token (d = old - rollout)."""
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, -1.0]])
+    roll = torch.tensor([[-1.0, -1.0, -0.6], [-0.1, -3.0, -9.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    m = grpo.rollout_mismatch(old, roll, mask, cap=2.0)
+    d = [0.0, -1.0, 0.1, 0.0, 0.0]
+    assert m["mm_n"] == 5 and m["mm_abs"] == pytest.approx(1.1) and m["mm_max"] == pytest.approx(1.0)
+    assert m["mm_k3"] == pytest.approx(sum(math.exp(x) - x - 1 for x in d)) and m["mm_over"] == 1  # |-1| > log 2
+
+
+def test_mismatch_guard_warns_then_stops():
+    m = {"mismatch/mean_abs": 0.9, "mismatch/max_abs": 4.0, "mismatch/k3_kl": 1.2}
+    assert grpo.mismatch_guard(m, 0.5, 0, 1) == 1  # warns
+    with pytest.raises(SystemExit, match="step 2: rollout mismatch .* weight push"):
+        grpo.mismatch_guard(m, 0.5, 1, 2)
+    assert grpo.mismatch_guard({**m, "mismatch/mean_abs": 0.1}, 0.5, 1, 3) == 0  # back under: the count resets
+    assert grpo.mismatch_guard(m, 0.0, 5, 4) == 0 and grpo.mismatch_guard({"mismatch/mean_abs": None}, 0.5, 0, 1) == 0
+
+
 def test_on_policy_single_update_has_ratio_exactly_one():
     lp = torch.randn(3, 4, requires_grad=True)
     adv = torch.tensor([1.0, -1.0, 0.5])
@@ -194,10 +274,22 @@ def test_tiny_vl_learns_an_image_conditioned_task(tmp_path, tiny_vl, toy_images)
     assert min(rewards[-3:]) > 0.9  # above 0.5 only by telling dark from bright
 
 
-def test_kill_and_resume_samples_and_learns_identically(tmp_path, tiny_vl, toy_images):
+# issue 18's flags together: GSPO, TIS, dynamic sampling (2 of 3 groups flat under this reward: refills needed)
+SOTA = ["--importance_sampling_level", "sequence", "--rollout_correction", "tis", "--dynamic_sampling", "true",
+        "--max_gen_rounds", "4", "--reward", "tests.toy_rewards:flat_unless_index_mod3"]
+
+
+@pytest.mark.parametrize("flags", [[], SOTA], ids=["recipe", "gspo_tis_dynamic"])
+def test_kill_and_resume_samples_and_learns_identically(tmp_path, tiny_vl, toy_images, flags):
+    """kill -9 at a random step, then --resume auto: metrics and final weights bit-identical to an uninterrupted run,
+    also when dynamic sampling refilled steps (its refill rows and rollout seeds derive from (seed, step, round))."""
     args = ["grpo.py", "--model", tiny_vl, "--data", toy_images, *TOY, "--max_steps", "8", "--save_every", "2",
-            "--mini_batch", "8", "--kl_coef", "0.01"]
+            "--mini_batch", "8", "--kl_coef", "0.01", *flags]
     run_py(*args, "--out", str(tmp_path / "a"))
+    if flags:  # refills happened, the HF engine's mismatch is ~0, the per-source curves are there
+        m = _metrics(tmp_path / "a")
+        assert max(r["gen_rounds"] for r in m) > 1 and all(0 < r["kept_frac"] < 1 for r in m)
+        assert all(r["mismatch/max_abs"] < 1e-4 for r in m) and all("acc/toy" in r and "reward/image" in r for r in m)
     kill_at = random.Random().randint(2, 8)
     p = run_py(*args, "--out", str(tmp_path / "b"), env={"MEDVL_CRASH": f"grpo_step:{kill_at}"}, check=False)
     assert p.returncode == 137
@@ -210,6 +302,20 @@ def test_kill_and_resume_samples_and_learns_identically(tmp_path, tiny_vl, toy_i
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b], kill_at
     assert (tmp_path / "a" / "final" / "model.safetensors").read_bytes() == \
         (tmp_path / "b" / "final" / "model.safetensors").read_bytes()
+
+
+def test_dynamic_sampling_short_of_informative_groups_trains_on_what_it_has(tmp_path, tiny_vl, toy_images):
+    """One round allowed (--max_gen_rounds 1) and 2 of 3 groups flat: the step keeps its informative groups, fills
+    the batch with zero-variance groups out of the loss (no gradient, no weight) and says so."""
+    out = tmp_path / "d"
+    p = run_py("grpo.py", "--model", tiny_vl, "--data", toy_images, *TOY, *SOTA, "--max_gen_rounds", "1",
+               "--max_steps", "1", "--log_rollouts", "16", "--out", str(out))
+    m = _metrics(out)[-1]
+    assert m["gen_rounds"] == 1 and m["filled"] > 0 and "zero-variance fillers, out of the loss" in p.stdout
+    groups = [json.loads(x) for x in open(out / "rollouts.jsonl")]
+    flat = [g for g in groups if len({r["reward"] for r in g["responses"]}) == 1]
+    assert len(flat) == m["filled"] and all(not r["in_loss"] for g in flat for r in g["responses"])
+    assert all(r["in_loss"] for g in groups if g not in flat for r in g["responses"])
 
 
 def test_zero_steps_still_validates_and_writes_its_page(tmp_path, tiny_vl, toy_images, vqa_rad_eval):

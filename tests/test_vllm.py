@@ -42,7 +42,10 @@ def test_engine_parity_weight_push_and_state(tmp_path, smollm2, tiny_vl_vllm):
     tied LM head included); sampled-token log-probs equal the trainer's; a weight change moves the engine to the
     trainer's new log-probs; rollout -> validate -> discarded weights -> rollout -> update -> rollout all run on
     current weights (fault 2); images through multi_modal_data; vision tokens never sampled; vLLM sees the trainer's
-    token ids, also under a tokenizer that adds its own BOS (issue 20 §4: given text it saw 106 ids against 105)."""
+    token ids, also under a tokenizer that adds its own BOS (issue 20 §4: given text it saw 106 ids against 105);
+    the tiny Qwen2.5-VL pushed from dummy weights (issue 18 §3: vision tower and language model both land; before the
+    fix its in-tower image normalisation stayed random, 0.24 off, and a push broke the next request on a seen image
+    with "Encoder cache miss")."""
     out = tmp_path / "parity.json"
     p = run_py(os.path.join("tests", "vllm_worker.py"), "parity", smollm2, tiny_vl_vllm, str(out), timeout=900)
     r = json.load(open(out))
@@ -51,6 +54,10 @@ def test_engine_parity_weight_push_and_state(tmp_path, smollm2, tiny_vl_vllm):
     assert [ph for ph, _ in r["sequence"]] == ["rollout", "validate", "rollout", "rollout"]
     assert r["vl_banned_sampled"] == 0 < r["vl_banned_sampled_without_ban"]
     assert r["bos_ids_vllm"] == r["bos_ids_trainer"]  # one BOS on both sides (vLLM given text added a second)
+    # issue 18 §3: Qwen2.5-VL from dummy weights, pushed: both name families land, image answers and log-probs match
+    assert r["vl_pushed_greedy_equal"] == 3 and r["vl_push_names"]["visual"] > 0 < r["vl_push_names"]["language_model"]
+    assert r["vl_logprob_vs_trainer_before"] < TOL and r["vl_weight_change_engine_vs_trainer"] < TOL
+    assert r["vl_weight_change_engine_moved"] > 0.05
     _clean_exit(p)
 
 
@@ -65,27 +72,42 @@ def _check_grpo(out):
     assert sorted(m) == [0, 1, 2]
     assert all("val/acc" in m[s] for s in (0, 1, 2))  # validated before training and after each step
     for s in (1, 2):  # every rollout's log-probs, as the engine sampled them, equal the trainer's on those tokens
-        assert m[s]["vllm_logprob_maxdiff"] is not None and m[s]["vllm_logprob_maxdiff"] < TOL, m[s]
+        assert m[s]["mismatch/max_abs"] is not None and m[s]["mismatch/max_abs"] < TOL, m[s]
+        assert 0 <= m[s]["mismatch/mean_abs"] <= m[s]["mismatch/max_abs"] and m[s]["mismatch/frac_over_cap"] == 0
     assert m[2]["kl"] > 0  # the policy moved from the reference: step 2's parity is on pushed, updated weights
     return m
 
 
 def test_grpo_vllm_one_process(tmp_path, smollm2, sample_data):
-    """Fault 1 (one process crashed at the first weight push) and fault 4 (CPU: no sleep mode, eager start)."""
+    """Fault 1 (one process crashed at the first weight push) and fault 4 (CPU: no sleep mode, eager start); the
+    issue-18 flags together (GSPO, TIS, dynamic sampling) on vLLM: mismatch figures, gen_rounds and per-source
+    curves in metrics.jsonl."""
     p = run_py("grpo.py", "--model", smollm2, "--data", os.path.join(sample_data, "text"), *GRPO,
-               "--val_data", os.path.join(sample_data, "eval"), "--out", str(tmp_path / "g"), timeout=900)
-    _check_grpo(tmp_path / "g")
+               "--val_data", os.path.join(sample_data, "eval"), "--importance_sampling_level", "sequence",
+               "--rollout_correction", "tis", "--dynamic_sampling", "true", "--reward", "tests.toy_rewards:image_parity",
+               "--out", str(tmp_path / "g"), timeout=900)  # a reward SmolLM2 varies on (strict: all 0, nothing trains)
+    m = _check_grpo(tmp_path / "g")
+    for s in (1, 2):
+        assert 1 <= m[s]["gen_rounds"] <= 3 and 0 <= m[s]["kept_frac"] <= 1, m[s]
+        assert m[s]["rollout_correction/tis_weight"] == pytest.approx(1.0, abs=1e-3)  # on-policy: weights 1
+        assert {"reward/text", "acc/text", "format/text", "len_mean/text"} <= set(m[s]), sorted(m[s])
+    assert any(k.startswith("val/acc/") for k in m[2])
     _clean_exit(p)
 
 
 def test_grpo_vllm_lane_catches_a_failed_push(tmp_path, smollm2, sample_data):
-    """Issue 20 §12: the lane's parity check must fail when the weights do not reach the engine. With every push
-    silently dropped (MEDVL_FAULT=vllm_push) the engine samples from its dummy weights and the trainer's log-probs of
-    those tokens differ far beyond TOL, so the lane's check (_check_grpo: < TOL at every step) fails, as it should."""
-    run_py("grpo.py", "--model", smollm2, "--data", os.path.join(sample_data, "text"), *GRPO, "--max_steps", "1",
-           "--val_every", "0", "--out", str(tmp_path / "g"), env={"MEDVL_FAULT": "vllm_push"}, timeout=900)
+    """Issue 20 §12 and issue 18 §1: a push that stops reaching the engine is caught at the recipe's lr 1e-6. Every
+    push after the first is silently dropped (MEDVL_FAULT=vllm_push_stale): step 1 samples from the right weights,
+    steps 2+ from stale ones. The lane's parity check (< TOL) fails on step 2's max gap, and --max_rollout_mismatch
+    (fp32 default 5e-3 nats/token; measured 1.1e-2 at step 2) warns at step 2 and stops the run at step 3 naming the
+    causes. (No push at all, MEDVL_FAULT=vllm_push, leaves dummy weights: ~3.8 nats/token from step 1.)"""
+    p = run_py("grpo.py", "--model", smollm2, "--data", os.path.join(sample_data, "text"), *GRPO, "--max_steps", "5",
+               "--lr", "1e-6", "--reward", "tests.toy_rewards:image_parity", "--val_every", "0",
+               "--out", str(tmp_path / "g"), env={"MEDVL_FAULT": "vllm_push_stale"}, timeout=900, check=False)
+    assert p.returncode != 0 and "stopping: step 3: rollout mismatch" in p.stdout, p.stdout[-3000:]
+    assert "WARNING step 2: rollout mismatch" in p.stdout and "weight push" in p.stdout
     m = _metrics(tmp_path / "g")
-    assert m[1]["vllm_logprob_maxdiff"] > 100 * TOL, m[1]  # _check_grpo's `< TOL` fails on it
+    assert sorted(m) == [1, 2, 3] and m[1]["mismatch/max_abs"] < TOL < m[2]["mismatch/max_abs"], m
 
 
 def test_grpo_vllm_two_ranks(tmp_path, smollm2, sample_data):

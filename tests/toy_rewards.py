@@ -20,3 +20,9 @@ def unscorable(item, token_ids):
     leave those out of the loss and of their groups' statistics, and count them)."""
     _calls[0] += 1
     return [None, float("nan"), 1.0, 0.0][(_calls[0] - 1) % 4]
+
+
+def flat_unless_index_mod3(item, token_ids):
+    """image_parity on rows whose dataset_index is a multiple of 3, a constant 0.5 on the others: two of three groups
+    carry no gradient, so a dynamic-sampling step needs refills to fill its batch with informative groups."""
+    return image_parity(item, token_ids) if item.dataset_index % 3 == 0 else 0.5
