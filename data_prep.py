@@ -376,8 +376,22 @@ def sample_text_items(rng: random.Random) -> list:
 # Writing: validate, bound images, count prompt tokens, drop over-long prompts, write data + manifest + rejects
 
 
-def _process(raw, root, bound, counter):
-    """((unified row, prompt tokens), None) or (None, reason) for one raw row; raw['_root'] overrides root."""
+def shuffle_options(item, seed: int):
+    """The item with its option texts permuted and the answer letter moved with its text (--shuffle_options): the
+    permutation is seeded by (seed, dataset_name, dataset_index), so a rerun writes the same order. Letters stay
+    A, B, ... in order; the answer text is unchanged."""
+    letters = sorted(item.options)
+    key = hashlib.sha256(f"{seed}\0{item.dataset_name}\0{item.dataset_index}".encode()).digest()
+    perm = random.Random(int.from_bytes(key[:8], "little")).sample(range(len(letters)), len(letters))
+    texts = [item.options[k] for k in letters]
+    item.options = {letters[i]: texts[perm[i]] for i in range(len(letters))}
+    item.answer_label = letters[perm.index(letters.index(item.answer_label))]
+    return item
+
+
+def _process(raw, root, bound, counter, shuffle_seed=None):
+    """((unified row, prompt tokens), None) or (None, reason) for one raw row; raw['_root'] overrides root; with
+    `shuffle_seed` the options are permuted (shuffle_options)."""
     if isinstance(raw, RowError):
         return None, str(raw)
     try:
@@ -386,6 +400,8 @@ def _process(raw, root, bound, counter):
         if isinstance(raw.get("options"), dict):
             raw["options"] = json.dumps(raw["options"], ensure_ascii=False)
         item = parse_row(raw, root)
+        if shuffle_seed is not None:
+            item = shuffle_options(item, shuffle_seed)
         if bound:
             item.images = [bound_image(im) for im in item.images]
         return (to_row(item), counter(item) if counter else -1), None
@@ -405,7 +421,8 @@ def _token_counter(name: str, trust_remote_code: bool):
 META = ("reject_reason", "source", "source_row")  # bookkeeping columns, removed before writing
 
 
-def _rows_gen(shards, table, root, bound, tokenizer, trust_remote_code, max_prompt_length, extra, source):
+def _rows_gen(shards, table, root, bound, tokenizer, trust_remote_code, max_prompt_length, extra, source,
+             shuffle_seed=None):
     """One worker's shards of rows: converted and validated, or an empty row carrying the reason it was rejected."""
     counter = _token_counter(tokenizer, trust_remote_code) if tokenizer else None
     for src, raw in (x for shard in shards for x in shard):
@@ -416,7 +433,7 @@ def _rows_gen(shards, table, root, bound, tokenizer, trust_remote_code, max_prom
                 raw = e
             except Exception as e:  # a cell that cannot be decoded
                 raw = RowError(f"unreadable row ({type(e).__name__})")
-        got, reason = _process(raw, root, bound, counter)
+        got, reason = _process(raw, root, bound, counter, shuffle_seed)
         if got is not None and counter is not None and got[1] > max_prompt_length:
             got, reason = None, f"prompt too long ({got[1]} tokens > {max_prompt_length})"
         label, row_no = src if isinstance(src, tuple) else (source, src)
@@ -455,7 +472,8 @@ def write_set(rows, out: str, flags: dict, source: str, root=None, bound: bool =
     step = max(1, -(-len(rows) // n_shards))
     shards = [rows[i : i + step] for i in range(0, len(rows), step)] or [[]]
     kw = dict(table=table, root=root, bound=bound, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
-              max_prompt_length=max_prompt_length, extra=extra, source=source)
+              max_prompt_length=max_prompt_length, extra=extra, source=source,
+              shuffle_seed=flags.get("option_seed", 0) if flags.get("shuffle_options") else None)
     with atomic_dir(out) as tmp:
         if rows:
             ds = datasets.Dataset.from_generator(_rows_gen, features=feats, cache_dir=os.path.join(tmp, ".cache"),
@@ -464,7 +482,7 @@ def write_set(rows, out: str, flags: dict, source: str, root=None, bound: bool =
         else:
             ds = datasets.Dataset.from_dict({k: [] for k in feats}, features=feats)
         meta = ds.select_columns(["reject_reason", "source", "source_row", "dataset_name", "dataset_index",
-                                  "prompt_tokens"]).to_list()
+                                  "prompt_tokens", "answer_label"]).to_list()
         rejects = list(rejects_in or []) + [
             {"source": m["source"], "source_row": m["source_row"], "dataset_name": m["dataset_name"],
              "dataset_index": m["dataset_index"], "reason": m["reject_reason"]} for m in meta if m["reject_reason"]]
@@ -482,7 +500,9 @@ def write_set(rows, out: str, flags: dict, source: str, root=None, bound: bool =
         manifest = {"source": source, "rows_in": len(rows) + len(rejects_in or []), "rows_out": len(kept),
                     "rows_rejected": len(rejects),
                     "reject_reasons": dict(Counter(reason_kind(r["reason"]) for r in rejects)),
-                    "per_dataset": dict(Counter(m["dataset_name"] for m in kept)), "prompt_tokens": {
+                    "per_dataset": dict(Counter(m["dataset_name"] for m in kept)),
+                    "gold_letters": gold_letters(kept), "options_shuffled": bool(flags.get("shuffle_options")),
+                    "prompt_tokens": {
                         "checked_with": tokenizer or None, "max_prompt_length": max_prompt_length if tokenizer else None,
                         "max": max(lengths) if lengths and tokenizer else None,
                         "mean": sum(lengths) / len(lengths) if lengths and tokenizer else None},
@@ -491,7 +511,19 @@ def write_set(rows, out: str, flags: dict, source: str, root=None, bound: bool =
         write_json(os.path.join(tmp, "manifest.json"), manifest)
     print(f"wrote {out}: {manifest['rows_out']} rows kept of {manifest['rows_in']} "
           f"({manifest['rows_rejected']} rejected: {manifest['reject_reasons']})", flush=True)
+    for name, letters in manifest["gold_letters"].items():
+        n = sum(letters.values())
+        print(f"  {name}: gold letters " + ", ".join(f"{k} {100 * v / n:.0f}%" for k, v in letters.items()), flush=True)
     return manifest
+
+
+def gold_letters(rows: list) -> dict:
+    """{dataset_name: {letter: n}} of the rows' answer letters (a set whose answers are mostly "A" rewards a model
+    that always says "A"; --shuffle_options rebalances them)."""
+    out = {}
+    for m in rows:
+        out.setdefault(m["dataset_name"], Counter())[m["answer_label"]] += 1
+    return {k: dict(sorted(v.items())) for k, v in sorted(out.items(), key=lambda kv: str(kv[0]))}
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -530,6 +562,8 @@ def eval_set(
     tokenizer: str = "",  # count prompt tokens with this model's processor ('' = skip)
     max_prompt_length: int = 1_000_000,  # eval prompts are not length-filtered by default
     num_proc: int = 0,  # worker processes (0 = up to 4 for large inputs)
+    shuffle_options: bool = False,  # permute each row's options (seeded; recipe: the original order)
+    option_seed: int = 0,  # the permutations' seed
 ):
     """The unified six-benchmark evaluation set."""
     flags = dict(locals())
@@ -585,6 +619,8 @@ def text(
     tokenizer: str = "",  # count prompt tokens with this model's processor ('' = skip)
     max_prompt_length: int = 2048,  # recipe: prompts over 2048 tokens cannot be trained on
     num_proc: int = 0,  # worker processes (0 = up to 4 for large inputs)
+    shuffle_options: bool = False,  # permute each row's options (seeded; recipe: the original order)
+    option_seed: int = 0,  # the permutations' seed
 ):
     """Text-only training MCQs (m23k, or raw MedQA / MedMCQA / HEAD-QA / PubMedQA / MedXpertQA-Text files)."""
     flags = dict(locals())
@@ -617,6 +653,8 @@ def pmc_vqa(
     tokenizer: str = "",  # count prompt tokens with this model's processor ('' = skip)
     max_prompt_length: int = 2048,  # recipe: prompts over 2048 tokens cannot be trained on
     num_proc: int = 0,  # worker processes (0 = up to 4 for large inputs)
+    shuffle_options: bool = False,  # permute each row's options (seeded; recipe: the original order)
+    option_seed: int = 0,  # the permutations' seed
 ):
     """PMC-VQA training set with the upstream cleaning rules (RECIPE §1.4) and image bounds (§1.6)."""
     flags = dict(locals())

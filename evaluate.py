@@ -25,6 +25,7 @@ import math
 import os
 import time
 from collections import Counter, defaultdict
+from types import SimpleNamespace
 from typing import Literal
 
 import numpy as np
@@ -35,6 +36,8 @@ from common.data import RowError, admit_row, column, data_root, load_image, load
 from common.faults import crash_point
 from common.files import atomic_file, check_output, read_jsonl, repair_tail, write_json, write_jsonl
 from common.generate import HFEngine, Prompt, generate_each, pick_engine
+from common.images import MIN_SIDE
+from common.log import git_sha
 from common.vllm_engine import VLLMEngine
 from common.model import Attn, Dtype, control_strings, load_model, load_processor, resolve
 
@@ -135,9 +138,79 @@ def summarise(records: list, n_boot: int = 1000, seed: int = 0, grader: str = "l
                        for name in bench]
     avg_lo, avg_hi, _ = bootstrap(per_bench_items, n_boot, np.random.default_rng(seed))
     return {"benchmarks": bench, "avg": avg, "avg_ci95": [avg_lo, avg_hi], "grader": grader,
+            "letters": letter_counts(records),
             "pass@k_grader": "inference", "majority_grader": "lenient",
             "avg_note": "unweighted mean over the benchmarks present" +
                         ("" if set(COLUMNS) <= set(bench) else f" ({len(bench)} of the paper's 6)")}
+
+
+def letter_counts(records: list) -> dict:
+    """{benchmark: {"predicted": {letter: n}, "gold": {letter: n}}} over every response (item x run x sample):
+    the option letter the lenient grader read from each response ("none" when it names no option) against the
+    gold letter. A model that always answers "A" scores the share of A's; this shows it (MedVLSynther rebalances
+    letters for the same reason)."""
+    out = {}
+    for name in ordered({r["dataset_name"] for r in records}):
+        mine = [r for r in records if r["dataset_name"] == name]
+        out[name] = {"predicted": dict(sorted(Counter(r.get("letter") or "none" for r in mine).items())),
+                     "gold": dict(sorted(Counter(r["answer_label"] for r in mine).items()))}
+    return out
+
+
+def protocol_card(config: dict, items: list, rejects: list, failed: list, engine: str, processor, tokenizer) -> dict:
+    """How this evaluation was made, for summary.json "protocol", report.html and results.md (issue 19 §3): the
+    model (path, weights fingerprint: checkpoint.model_id), the data (path, split, items per benchmark, sha256 of
+    the evaluated items' text fields and image sizes), grader, engine, sampling, seeds, the prompt's sha256 (a probe
+    item rendered through this model's chat template), rejected and failed items with reasons, images under the
+    processor's 28 px minimum per benchmark and what was done with them, and the code's git commit."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.dataset_name, it.dataset_index, it.question, it.options, it.answer, it.answer_label,
+                             it.extra.get("sizes")], ensure_ascii=False, default=str).encode())
+    probe = SimpleNamespace(question="Q?", options={"A": "a", "B": "b"}, images=[])
+    small = Counter(it.dataset_name for it in items if small_image(it.extra.get("sizes") or []))
+    small.update(r["dataset_name"] for r in rejects if r.get("small"))  # --small_images skip rejected them
+    skip = config["small_images"] == "skip"
+    return {
+        "model": {"path": config["model"], "weights_id": config["model_id"]},
+        "data": {"path": config["data"], "split": config["split"], "items_sha256": h.hexdigest()[:16],
+                 "items": dict(Counter(it.dataset_name for it in items))},
+        "grader": config["grader"], "engine": engine, "dtype": config["dtype"],
+        "max_new_tokens": config["max_new_tokens"], "temperature": config["temperature"], "top_p": config["top_p"],
+        "runs": config["runs"], "samples": config["samples"], "seed": config["seed"],
+        "prompt_sha256": hashlib.sha256(prompts.prompt_text(processor, tokenizer, probe).encode()).hexdigest()[:16],
+        "rejected": {"count": len(rejects), "reasons": dict(Counter(reason_kind(r["reason"]) for r in rejects))},
+        "failed": {"count": len({(r["dataset_name"], r["dataset_index"]) for r in failed}),
+                   "reasons": dict(Counter(r["error"].split(":")[0] for r in failed))},
+        "small_images": {"min_side_px": MIN_SIDE, "items": dict(small),
+                         "handling": "skipped (--small_images skip, as MedVLSynther's harness)" if skip else
+                         "kept: the processor's smart_resize enlarges them to >= 3136 px^2, sides multiples of 28, "
+                         "as upstream's harness did through qwen_vl_utils (RECIPE §7.1, §1.6)"},
+        "code": git_sha()}
+
+
+def small_image(sizes: list) -> bool:
+    """Whether any of an item's (width, height) image sizes has a side under the processor's 28 px minimum."""
+    return any(min(sz) < MIN_SIDE for sz in sizes)
+
+
+PROTOCOL_SAME = ("data", "grader", "engine", "dtype", "max_new_tokens", "temperature", "top_p", "runs", "samples",
+                 "seed", "prompt_sha256", "small_images")  # compare warns when two results differ in these
+
+
+def protocol_lines(p: dict) -> list:
+    """The protocol card as short "key: value" lines (results.md, the console)."""
+    if not p:
+        return []
+    d, f, r = p["data"], p["failed"], p["rejected"]
+    return [f"model: {p['model']['path']} (weights {p['model']['weights_id']})",
+            f"data: {d['path']} [{d['split']}] items {d['items']} (sha256 {d['items_sha256']})",
+            f"grader {p['grader']}, engine {p['engine']}, {p['dtype']}, max_new_tokens {p['max_new_tokens']}, "
+            f"temperature {p['temperature']}, top_p {p['top_p']}, runs {p['runs']}, samples {p['samples']}, "
+            f"seed {p['seed']}, prompt sha256 {p['prompt_sha256']}",
+            f"rejected {r['count']} {r['reasons']}; failed {f['count']} {f['reasons']}",
+            f"images under {p['small_images']['min_side_px']} px: {p['small_images']['items']} "
+            f"({p['small_images']['handling']})", f"code: {p['code']}"]
 
 
 def markdown_table(summary: dict, label: str) -> str:
@@ -218,8 +291,9 @@ def finish(folder: str, records: list, label: str, n_boot: int, extra: dict, gra
     summary.update(extra)
     write_json(os.path.join(folder, "summary.json"), summary)
     table = markdown_table(summary, label)
+    card = protocol_lines(summary.get("protocol"))
     with open(os.path.join(folder, "results.md"), "w") as f:
-        f.write(table)
+        f.write(table + ("\nProtocol:\n" + "".join(f"- {x}\n" for x in card) if card else ""))
     plot(summary, os.path.join(folder, "accuracy.png"), label)
     # the browsable page; questions come from the records, images from thumbs.jsonl (written by main, read here so
     # that regrade shows them too without reading the data again)
@@ -301,11 +375,13 @@ def select_rows(names: list, wanted: set | None, limit: int) -> tuple[list, Coun
     return picked, per_bench
 
 
-def check_rows(rows, picked: list, names: list, root, processor, control: list, report_page: bool, d):
+def check_rows(rows, picked: list, names: list, root, processor, control: list, report_page: bool, d,
+               skip_small: bool = False):
     """(items, rejects, thumbs) for the picked rows, the same on every rank: each rank reads and checks every
     world_size-th row (decoding its images once, on one rank) and all ranks gather the result, in row order. Items
     are kept without their decoded images (row index in extra["row"]); a batch decodes its own again (images_of),
-    so memory holds one batch of images, not the whole set (pass counts run on 177k PMC-VQA images)."""
+    so memory holds one batch of images, not the whole set (pass counts run on 177k PMC-VQA images). Each item keeps
+    its images' sizes (extra["sizes"]); with `skip_small` an item with an image side under 28 px is rejected."""
     items, rejects, thumbs = [], [], []
     for i in tqdm(picked[d.rank :: d.world_size], desc="check rows", unit="row", disable=not d.is_main,
                   dynamic_ncols=True, mininterval=5):
@@ -313,13 +389,17 @@ def check_rows(rows, picked: list, names: list, root, processor, control: list, 
         try:
             row = read_row(rows, i)
             item = admit_row(rows, i, root, control, text_only=processor is None, row=row)
+            item.extra["sizes"] = [list(im.size) for im in item.images]
+            if skip_small and small_image(item.extra["sizes"]):
+                raise RowError(f"an image side under {MIN_SIDE} px (--small_images skip)")
             if report_page:
                 thumbs += [(i, t) for t in report.thumb_records([item])]
             item.extra["row"], item.images = i, [None] * len(item.images)
             items.append(item)
         except RowError as e:
             index = row.get("dataset_index") if isinstance(row, dict) else None
-            rejects.append({"row": i, "dataset_name": names[i], "dataset_index": index, "reason": str(e)})
+            rejects.append({"row": i, "dataset_name": names[i], "dataset_index": index, "reason": str(e),
+                            **({"small": True} if "--small_images skip" in str(e) else {})})
     parts = dist.all_gather_objects((items, rejects, thumbs))
     items = sorted((it for p in parts for it in p[0]), key=lambda it: it.extra["row"])
     rejects = sorted((r for p in parts for r in p[1]), key=lambda r: r["row"])
@@ -390,6 +470,7 @@ def main(
     report_page: bool = True,  # report.html + thumbs.jsonl (false for pass-count runs: it embeds every response)
     grader: grading.Grader = "lenient",  # tables: lenient (RECIPE §7.2 regrader) | inference (§2.1) | strict
     max_fail_frac: float = 0.05,  # stop non-zero when more of a benchmark's items fail at generation (1 = never)
+    small_images: Literal["keep", "skip"] = "keep",  # items with an image side < 28 px: keep (upstream) | skip
 ):
     user_config = dict(locals())
     cli.check_choices(main, user_config)  # a misspelt choice fails here, before any work
@@ -415,7 +496,7 @@ def main(
     picked, per_bench = select_rows(names, None if benchmarks == "all" else set(benchmarks.split(",")), limit)
     # the model's own special tokens may not appear in data text
     items, rejects, thumbs = check_rows(rows, picked, names, root, processor, control_strings(tokenizer), report_page,
-                                        d)
+                                        d, skip_small=small_images == "skip")
     if d.is_main:
         write_jsonl(os.path.join(out, "rejects.jsonl"), rejects, ensure_ascii=True)  # raw fields of bad rows
         for r in rejects[:5]:
@@ -425,7 +506,8 @@ def main(
         raise SystemExit("no usable items: check --data / --benchmarks")
 
     # Model: the one engine choice (vLLM checks that --tp divides the ranks)
-    if pick_engine(engine, d.device) == "vllm":
+    engine = pick_engine(engine, d.device)
+    if engine == "vllm":
         gen = VLLMEngine(resolve(model), tokenizer, tp=tp, seed=seed, dtype=dtype,
                          gpu_memory_utilization=gpu_memory_utilization, is_vl=processor is not None,
                          processor=processor)
@@ -492,7 +574,8 @@ def main(
             "fail_reasons": dict(Counter(r["error"].split(":")[0] for r in failed)),
             "items_per_second": n_gen / elapsed if elapsed > 0 and n_gen else None,
             "generated_tokens_per_second": n_tokens / elapsed if elapsed > 0 and n_tokens else None,
-            "runs_copied_from_run0": copy_runs and runs > 1}, grader, report_page)
+            "runs_copied_from_run0": copy_runs and runs > 1,
+            "protocol": protocol_card(config, items, rejects, failed, engine, processor, tokenizer)}, grader, report_page)
         print(open(os.path.join(out, "results.md")).read(), end="")
         if summary["items_per_second"]:
             print(f"{n_gen} items in {elapsed:.1f}s ({summary['items_per_second']:.2f} items/s, "
@@ -521,10 +604,18 @@ def regrade(
     write_jsonl(os.path.join(folder, "items.jsonl"), records)
     old = json.load(open(os.path.join(folder, "summary.json"))) if os.path.exists(os.path.join(folder, "summary.json")) else {}
     grader = grader or old.get("grader", "lenient")
-    keep = {k: v for k, v in old.items() if k not in ("benchmarks", "avg", "avg_ci95", "avg_note", "grader")}
+    keep = {k: v for k, v in old.items() if k not in ("benchmarks", "avg", "avg_ci95", "avg_note", "grader", "letters")}
+    if "protocol" in keep:  # carried along, with the grader the tables now use
+        keep["protocol"] = {**keep["protocol"], "grader": grader}
     finish(folder, records, os.path.basename(folder.rstrip("/")), n_boot, keep, grader)
     print(open(os.path.join(folder, "results.md")).read(), end="")
     print(f"wrote {os.path.join(folder, 'report.html')}")
+
+
+def read_protocol(folder: str) -> dict:
+    """The protocol card of a result folder's summary.json ({} when there is none)."""
+    path = os.path.join(folder, "summary.json")
+    return (json.load(open(path)).get("protocol") or {}) if os.path.exists(path) else {}
 
 
 def compare(
@@ -539,6 +630,13 @@ def compare(
     table is printed and, with the items that flipped, written to compare.html."""
     cli.check_choices(compare, locals())
     ra, rb = read_records(a), read_records(b)
+    pa, pb = (read_protocol(x) for x in (a, b))
+    differ = [k for k in PROTOCOL_SAME if pa.get(k) != pb.get(k)] if pa and pb else []
+    if not (pa and pb):
+        print("WARNING: a folder has no protocol card (summary.json from an older version): protocols not compared")
+    if differ:
+        print("WARNING: the two evaluations were not made the same way: " +
+              "; ".join(f"{k} {pa.get(k)} vs {pb.get(k)}" for k in differ))
     sa, sb = item_scores(ra, grader), item_scores(rb, grader)
     common = sorted(set(sa) & set(sb))
     if not common:
@@ -567,7 +665,7 @@ def compare(
     out = out or os.path.join(b, "compare.html")
     report.write_compare(out, os.path.basename(a.rstrip("/")), os.path.basename(b.rstrip("/")), table, ra, rb,
                          {**report.read_thumbs(a), **report.read_thumbs(b)}, key=grading.verdict_field(grader),
-                         grader=grader)
+                         grader=grader, protocols=[protocol_lines(pa), protocol_lines(pb)], differ=differ)
     print(f"wrote {out}")
 
 

@@ -218,7 +218,7 @@ def rollout_weights(old_logp, rollout_logp, mask, mode: str = "none", cap: float
         return None
     if rollout_logp is None:
         raise ValueError(f"rollout_correction {mode!r} needs the rollout engine's log-probs")
-    d = ((old_logp - rollout_logp).detach() * mask).clamp(-20, 20)
+    d = torch.where(mask.bool(), old_logp - rollout_logp, 0.0).detach().clamp(-20, 20)
     if mode == "tis":
         return d.exp().clamp(max=cap)
     if mode == "mis":
@@ -234,7 +234,7 @@ def rollout_mismatch(old_logp, rollout_logp, mask, cap: float = 2.0) -> dict:
     unbiased estimate of KL(rollout || old) from the engine's samples, Schulman's k3, as verl's rollout-mismatch
     KL), tokens with |d| > log(cap) (the ones TIS would truncate), and the max |d|."""
     m = mask.double()
-    d = (old_logp - rollout_logp).detach().double() * m  # 0 off the mask, where k3 is 0 too
+    d = torch.where(mask.bool(), old_logp - rollout_logp, 0.0).detach().double()  # 0 off the mask: k3 0 too
     a = d.abs()
     return {"mm_n": int(m.sum()), "mm_abs": float(a.sum()), "mm_k3": float((d.clamp(-20, 20).exp() - d - 1).sum()),
             "mm_over": int(((a > math.log(cap)) & mask.bool()).sum()), "mm_max": float(a.max()) if a.numel() else 0.0}
@@ -479,13 +479,13 @@ def rollout_engine(engine: str, net, model: str, processor, tokenizer, tp: int, 
     return HFEngine(net, processor, tokenizer, batch_size=rollout_batch, synced=synced)
 
 
-def rollout(llm, net, eps: list, seeds: list, sampling: dict) -> list:
+def rollout(llm, net, eps: list, seeds: list, sampling: dict, logprobs: bool = True) -> list:
     """[[Sample] * n] per episode of this rank. The vLLM engine first receives the actor's weights unless its own
     are current (fsdp.full_params: every rank gathers the FSDP shards, one tensor at a time, here), generates (a
     tensor-parallel group its ranks' prompts together) and then frees its memory for the update. The HF engine
     generates with the actor itself (its shards gathered once for the call; the other calls are no-ops)."""
     llm.push_weights(fsdp.full_params(net), when_needed=True)
-    outs = llm.generate([ep.prompt for ep in eps], **sampling, seeds=seeds, logprobs=True, per_rank=True)
+    outs = llm.generate([ep.prompt for ep in eps], **sampling, seeds=seeds, logprobs=logprobs, per_rank=True)
     llm.release()
     return outs
 
@@ -536,7 +536,7 @@ def validate(llm, net, val_data: str, val_limit: int, max_prompt_length: int, se
             continue
         eps.append(Episode(it, p))
     outs = rollout(llm, net, eps, [mix_seed(seed, ep.item.dataset_index) for ep in eps],
-                   dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=new_tokens))
+                   dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=new_tokens), logprobs=False)
     rews = [grading.strict_reward(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs)]
     acc = sum(grading.lenient_correct(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
     per_source = source_metrics(source_sums((ep.item, o[0], r) for ep, o, r in zip(eps, outs, rews)), "val/")
@@ -624,7 +624,9 @@ def collect(source: StepSource, llm, net, step: int, dynamic: bool, max_rounds: 
     informative groups (non-zero reward variance) or `max_rounds` rounds ran; the first `local` informative ones
     are kept (the rest dropped, as verl does), and a shortfall is filled with zero-variance groups that are out of
     the loss (loss_mask False: no gradient, no weight in the normaliser), said on the console. Every rank runs the
-    same number of rounds (one max-reduction per round decides)."""
+    same number of rounds (one max-reduction per round decides). Each rank keeps its own informative groups (no
+    groups move between ranks), so which groups a step trains on depends on the world size: --resume auto refuses
+    another world size under dynamic sampling (verl's single controller selects over the whole batch)."""
     eps = source.groups(llm, net, step, 0)
     if not dynamic:
         return eps, {}
@@ -705,7 +707,7 @@ def source_sums(triples) -> dict:
     triples, where a sample counts for its row's dataset_name and for its modality ("text" or "image")."""
     out = {}
     for item, s, r in triples:
-        for src in (item.dataset_name, "image" if item.images else "text"):
+        for src in dict.fromkeys((item.dataset_name, "image" if item.images else "text")):  # once if the same
             v = out.setdefault(src, [0, 0, 0.0, 0, 0, 0])
             scored = r == r  # NaN: unscored
             v[0] += 1
@@ -727,8 +729,9 @@ def source_metrics(local: dict, prefix: str = "") -> dict:
     out = {}
     for src in sorted(total):
         n, scored, rsum, correct, fmt_ok, toks = total[src]
-        out.update({f"{prefix}reward/{src}": rsum / max(1, scored), f"{prefix}acc/{src}": correct / max(1, n),
-                    f"{prefix}format/{src}": fmt_ok / max(1, n), f"{prefix}len_mean/{src}": toks / max(1, n)})
+        out.update({f"{prefix}reward/{src}": rsum / scored if scored else None,
+                    f"{prefix}acc/{src}": correct / max(1, n), f"{prefix}format/{src}": fmt_ok / max(1, n),
+                    f"{prefix}len_mean/{src}": toks / max(1, n)})
     return out
 
 
@@ -787,7 +790,9 @@ def step_metrics(eps: list, rewards, stats: list, norms: list, zero_var: int, ti
 # (max <= 4.7e-5) over 6 steps with every push working; 1.1e-2 .. 2.6e-2 at steps 2-6 once pushes stop after the
 # first (stale weights; lr 1e-5: 0.10 .. 0.24); 3.7 .. 4.0 with dummy weights (no push lands). bf16 on GPUs: a rollout-vs-trainer KL of ~4e-4 .. 1e-2 is reported for dense models
 # (an rms gap of ~0.03-0.14), so 0.5 sits above bf16 noise and far below a push that failed; a stale push at lr 1e-6
-# stays inside bf16 noise for many steps and only fp32 can see it (5e-3).
+# stays inside bf16 noise for many steps and only fp32 can see it (5e-3). With top_p < 1 vLLM returns the log-probs of
+# the renormalised nucleus while the trainer (and the HF engine) score the full softmax: every token then differs by
+# -log(nucleus mass), a real gap between sampling and training policies, and the limit is 0.5 in every dtype.
 MISMATCH_LIMIT = {"fp32": 5e-3, "bf16": 0.5, "fp16": 0.5}
 
 
@@ -800,7 +805,8 @@ def mismatch_guard(m: dict, limit: float, over: int, step: int) -> int:
     msg = (f"step {step}: rollout mismatch {x:.4g} nats/token (mean |log pi_trainer - log pi_engine| over every "
            f"sampled token; max {m['mismatch/max_abs']:.3g}, k3 KL {m['mismatch/k3_kl']:.3g}) > --max_rollout_mismatch "
            f"{limit:g}: the engine is not sampling from the trainer's policy. Likely causes: a weight push that failed "
-           "or left stale weights (vLLM reload_weights), or a dtype gap between engine and trainer")
+           "or left stale weights (vLLM reload_weights), a dtype gap between engine and trainer, or top_p < 1 with "
+           "the vLLM engine (its log-probs are the nucleus's)")
     if over + 1 >= 2:
         raise SystemExit(f"stopping: {msg} (2 steps in a row)")
     dist.print0(f"WARNING {msg}; the run stops if the next step is over too")
@@ -865,8 +871,9 @@ def resume_step(resume: str, out: str, net, opt, user_config: dict) -> int:
         if resume else ""
     if not path:
         return 0
-    if resume == "auto":
-        checkpoint.check_same_run(checkpoint.saved_config(path), user_config, RESUME_SAME, path)
+    if resume == "auto":  # dynamic sampling keeps informative groups per rank: its batches depend on the world size
+        keys = RESUME_SAME + (("world_size",) if user_config.get("dynamic_sampling") else ())
+        checkpoint.check_same_run(checkpoint.saved_config(path), user_config, keys, path)
     step = checkpoint.load(path, net, opt)["step"]
     dist.print0(f"resumed from {path} at step {step}")
     return step
@@ -889,6 +896,9 @@ def loss_config(c: dict) -> dict:
     if seq and max(c["clip_low"], c["clip_high"]) > 0.01:  # e.g. a launcher's 0.2 kept by mistake
         dist.print0(f"note: GSPO (sequence-level ratio) with clip {c['clip_low']}/{c['clip_high']}: the mean log-ratio "
                     "of a response rarely leaves so wide a band; GSPO's own range is 3e-4/4e-4 (-1 picks it)")
+    if seq and c["loss_agg"] == "token-mean":
+        dist.print0("note: GSPO's objective (arXiv 2507.18071 eq. 5) averages over responses; --loss_agg token-mean "
+                    "weights each by its length (TRL's GSPO recipe: loss_type grpo = --loss_agg seq-mean-token-mean)")
     return dict(clip_low=c["clip_low"] if c["clip_low"] >= 0 else (3e-4 if seq else 0.2),
                 clip_high=c["clip_high"] if c["clip_high"] >= 0 else (4e-4 if seq else 0.2), clip_c=c["clip_c"],
                 kl_coef=c["kl_coef"], kl_type=c["kl_type"], loss_agg=c["loss_agg"], entropy_coef=c["entropy_coef"],
@@ -1006,6 +1016,7 @@ def main(
         simulate_flags(user_config)
         return
     d = dist.init(seed=seed, timeout_s=timeout_s)
+    user_config["world_size"] = d.world_size  # recorded with every checkpoint (resume_step)
     speed.check_dtype(dtype, d.device)  # bf16 on a CPU without native bf16: ~80x slower matmuls
     size = SIZES.get(model.lower(), dict(micro_batch=32, tp=1))
     micro_batch = size["micro_batch"] if micro_batch < 0 else micro_batch
@@ -1019,7 +1030,8 @@ def main(
     out = out or os.path.join("outputs", "grpo", f"{os.path.basename(resolve(model).rstrip('/'))}-{data.replace('/', '_')}")
     layout = Layout.of(train_batch, mini_batch, micro_batch, G, d.world_size)
     algo = loss_config(user_config)
-    max_rollout_mismatch = MISMATCH_LIMIT.get(dtype, 0.5) if max_rollout_mismatch < 0 else max_rollout_mismatch
+    max_rollout_mismatch = (MISMATCH_LIMIT.get(dtype, 0.5) if top_p == 1 else 0.5) if max_rollout_mismatch < 0 \
+        else max_rollout_mismatch  # top_p < 1: vLLM's log-probs are the nucleus's, renormalised (see MISMATCH_LIMIT)
     check_output(out)
     if d.is_main:
         write_json(os.path.join(out, "config.json"), {**user_config, "engine": engine, "tp": tp, "epochs": epochs,

@@ -113,19 +113,19 @@ def plot_curves(rows: list, keys: list, path: str, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     panels = [(k, [k]) if isinstance(k, str) else (k[0], list(k[1])) for k in keys]
-    panels = [(title, [k for k in ks if any(k in r for r in rows)]) for title, ks in panels]
-    panels = [(title, ks) for title, ks in panels if ks]
+    panels = [(name, [k for k in ks if any(k in r for r in rows)]) for name, ks in panels]
+    panels = [(name, ks) for name, ks in panels if ks]
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (title, ks) in zip(axes[0], panels):
+    for ax, (name, ks) in zip(axes[0], panels):
         for k in ks:
             pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None,
                     label=k.rsplit("/", 1)[-1] if len(ks) > 1 else None)
         if len(ks) > 1:
             ax.legend(fontsize=7)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)

@@ -179,10 +179,11 @@ def flips(records_a: list, records_b: list, key: str = "correct") -> list[dict]:
 
 
 def write_compare(path: str, label_a: str, label_b: str, table: list, records_a: list, records_b: list,
-                  thumbs: dict | None = None, key: str = "correct", grader: str = "lenient") -> None:
+                  thumbs: dict | None = None, key: str = "correct", grader: str = "lenient",
+                  protocols: list | None = None, differ: list | tuple = ()) -> None:
     """compare.html: the paired bootstrap `table` (dicts with benchmark, n, a, b, diff, lo, hi, p_le0; evaluate.py
     compare builds it) with flip counts, then the items whose verdict under `key` flipped, with A's and B's first
-    response side by side."""
+    response side by side; `protocols` (A's and B's protocol card lines) and the card fields that `differ`."""
     thumbs = thumbs or {}
     found = flips(records_a, records_b, key)
     count = defaultdict(lambda: {"wr": 0, "rw": 0})
@@ -192,7 +193,7 @@ def write_compare(path: str, label_a: str, label_b: str, table: list, records_a:
     cards = [{**item_entry(f["b"][1], thumbs), "dir": f["dir"], "A": side(f["a"]), "B": side(f["b"])} for f in found]
     data = {"flips": cards, "labels": [label_a, label_b], "benchmarks": list(dict.fromkeys(c["b"] for c in cards))}
     render(path, "compare.html", title=f"{label_a} vs {label_b}", label_a=label_a, label_b=label_b, table=table,
-           grader=grader, count=count, data=data)
+           grader=grader, count=count, data=data, protocols=protocols or [[], []], differ=list(differ))
 
 
 def read_rollouts(path: str) -> list[dict]:

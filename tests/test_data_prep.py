@@ -5,6 +5,7 @@
 import csv
 import json
 import os
+from collections import Counter
 
 import pytest
 from PIL import Image
@@ -369,3 +370,32 @@ def test_near_duplicate_hash_separates_real_scans_and_catches_copies(real):
                   ImageEnhance.Brightness(im).enhance(1.1)]
         missed += sum(bin(dp.image_hashes(c)[1] ^ h).count("1") > bits for c in copies)
     assert missed == 0, f"{missed} of {3 * len(images)} copies not matched"
+
+
+def test_gold_letters_reported_and_shuffle_options_rebalances_them(tmp_path, sample_data):
+    """Issue 19 §4: every written set reports its gold-letter distribution (manifest + console); --shuffle_options
+    permutes each row's options with a per-row seed, moving the answer letter with its text (the answer text is
+    still the labelled option's), the same way on a rerun, and off by default (the recipe's order)."""
+    import datasets
+
+    src = os.path.join(sample_data, "text")
+    outs = {}
+    for name, extra in [("plain", []), ("shuf", ["--shuffle_options", "true"]), ("shuf2", ["--shuffle_options", "true"]),
+                        ("seed1", ["--shuffle_options", "true", "--option_seed", "1"])]:
+        p = run_py("data_prep.py", "text", "--source", src, "--out", str(tmp_path / name), *extra)
+        assert "gold letters" in p.stdout
+        outs[name] = datasets.load_dataset("parquet", data_files=str(tmp_path / name / "data.parquet"))["train"]
+    m = json.load(open(tmp_path / "plain" / "manifest.json"))
+    plain, shuf = outs["plain"], outs["shuf"]
+    assert m["gold_letters"] == {n: dict(sorted(Counter(r["answer_label"] for r in plain
+                                                        if r["dataset_name"] == n).items()))
+                                 for n in sorted(set(plain["dataset_name"]))} and not m["options_shuffled"]
+    assert json.load(open(tmp_path / "shuf" / "manifest.json"))["options_shuffled"]
+    moved = 0
+    for a, b in zip(plain, shuf):
+        oa, ob = json.loads(a["options"]), json.loads(b["options"])
+        assert sorted(oa.values()) == sorted(ob.values()) and sorted(oa) == sorted(ob)  # same texts, same letters
+        assert ob[b["answer_label"]] == oa[a["answer_label"]] == b["answer"]  # the answer moved with its text
+        moved += a["answer_label"] != b["answer_label"]
+    assert moved > len(plain) // 3, moved
+    assert outs["shuf2"]["options"] == shuf["options"] and outs["seed1"]["options"] != shuf["options"]

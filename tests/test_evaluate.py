@@ -259,3 +259,50 @@ def test_resume_refuses_another_model_or_generation_flags(tmp_path, tiny_vl_tags
     assert p.returncode != 0 and "--model_id" in p.stdout, p.stdout[-1500:]
     run_py(*args, "--model", tiny_vl_tags, "--max_new_tokens", "4", "--runs", "2")
     assert json.load(open(tmp_path / "ev" / "summary.json"))["benchmarks"]["toy"]["n_items"] == 3
+
+
+def test_protocol_card_letters_and_small_images_through_regrade_and_compare(tmp_path, tiny_vl_tags):
+    """Issue 19 §3-4: summary.json carries the protocol card (model fingerprint, data hash and counts, grader,
+    engine, sampling, seeds, prompt hash, rejects and failures with reasons, images under 28 px and what was done,
+    code version) and the per-benchmark letter distributions; report.html and results.md show them; regrade keeps
+    the card (with its new grader); compare warns when two cards differ and not when they agree. --small_images
+    skip rejects the items with a 10 px image, counted under the same key."""
+    from PIL import Image
+
+    data = _tags_rows(tmp_path, n_good=4)
+    Image.new("RGB", (10, 40), (90, 90, 90)).save(tmp_path / "img" / "small.png")
+    rows = [json.loads(x) for x in open(data)]
+    rows.append({**rows[0], "dataset_index": 7, "images": ["img/small.png"]})
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["evaluate.py", "--model", tiny_vl_tags, "--data", data, "--dtype", "fp32", "--runs", "1",
+            "--batch_size", "2"]
+    run_py(*args, "--max_new_tokens", "4", "--out", str(tmp_path / "a"))
+    s = json.load(open(tmp_path / "a" / "summary.json"))
+    p = s["protocol"]
+    assert p["model"]["path"] == tiny_vl_tags and len(p["model"]["weights_id"]) == 16
+    assert p["data"]["items"] == {"toy": 5} and len(p["data"]["items_sha256"]) == 16
+    assert (p["engine"], p["grader"], p["max_new_tokens"], p["runs"], p["seed"]) == ("hf", "lenient", 4, 1, 42)
+    assert p["rejected"]["count"] == 2 and sorted(k.split(" holds")[0] for k in p["rejected"]["reasons"]) == \
+        ["option A", "question"], p["rejected"]
+    assert p["failed"]["count"] == 0 and len(p["prompt_sha256"]) == 16
+    assert p["small_images"]["items"] == {"toy": 1} and p["small_images"]["handling"].startswith("kept")
+    assert s["letters"]["toy"]["gold"] == {"A": 5} and sum(s["letters"]["toy"]["predicted"].values()) == 5
+    page = open(tmp_path / "a" / "report.html").read()
+    assert "Protocol" in page and "Answer letters" in page and p["prompt_sha256"] in page
+    assert "Protocol:" in open(tmp_path / "a" / "results.md").read()
+    run_py("evaluate.py", "regrade", str(tmp_path / "a"), "--grader", "strict", "--n_boot", "50")
+    s2 = json.load(open(tmp_path / "a" / "summary.json"))
+    assert s2["protocol"] == {**p, "grader": "strict"} and s2["letters"] == s["letters"]
+
+    run_py(*args, "--max_new_tokens", "4", "--out", str(tmp_path / "b"))  # the same protocol
+    run_py(*args, "--max_new_tokens", "6", "--out", str(tmp_path / "c"), "--small_images", "skip")
+    same = run_py("evaluate.py", "compare", str(tmp_path / "b"), str(tmp_path / "b"), "--n_boot", "50")
+    assert "WARNING" not in same.stdout, same.stdout
+    # a's card now says grader strict: compare a (strict) with c (lenient, 6 tokens, small images skipped)
+    diff = run_py("evaluate.py", "compare", str(tmp_path / "a"), str(tmp_path / "c"), "--n_boot", "50")
+    assert "not made the same way" in diff.stdout and "max_new_tokens 4 vs 6" in diff.stdout, diff.stdout
+    assert "small_images" in diff.stdout and "grader strict vs lenient" in diff.stdout
+    assert "differ" in open(tmp_path / "c" / "compare.html").read()
+    pc = json.load(open(tmp_path / "c" / "summary.json"))["protocol"]
+    assert pc["small_images"]["items"] == {"toy": 1} and pc["small_images"]["handling"].startswith("skipped")
+    assert pc["data"]["items"] == {"toy": 4} and pc["rejected"]["count"] == 3
