@@ -74,11 +74,15 @@ def test_grpo_update_loss_falls(tmp_path):
         ep.advantages, ep.loss_mask = [1.0, -1.0, 1.0, -1.0], [True] * G
         eps.append(ep)
     old = grpo.episode_logprobs(net, eps, d.device, 1, True, 1.0)
-    algo = dict(clip_low=0.2, clip_high=0.2, clip_c=3.0, kl_coef=0.0, kl_type="k3", loss_agg="token-mean",
-                entropy_coef=0.0, max_len=256)
+    algo = grpo.loss_config(dict(clip_low=0.2, clip_high=0.2, clip_c=3.0, kl_coef=0.0, kl_type="k3",
+                                 loss_agg="token-mean", entropy_coef=0.0, max_new_tokens=256,
+                                 importance_sampling_level="token", rollout_correction="none",
+                                 rollout_correction_cap=2.0))
+    layout = grpo.Layout(G, updates=1, local_prompts=2, local_mb=2, micro_groups=1)
     losses = []
     for step in range(4):
-        stats, norms, ok = grpo.update(net, opt, params, eps, old, None, G, 1, 2, 1, True, 1.0, algo, 1.0, step, d)
+        stats, norms, ok = grpo.update(net, opt, params, eps, old=old, refs=None, layout=layout, share_prefix=True,
+                                       temperature=1.0, algo=algo, grad_clip=1.0, step=step, device=d.device)
         losses.append(sum(s[2] for s in stats))
     dist.cleanup()
     print("grpo update losses", losses)
