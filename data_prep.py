@@ -519,7 +519,7 @@ def write_set(rows, out: str, flags: dict, source: str, root=None, bound: bool =
 
 def gold_letters(rows: list) -> dict:
     """{dataset_name: {letter: n}} of the rows' answer letters (a set whose answers are mostly "A" rewards a model
-    that always says "A"; --shuffle_options rebalances them)."""
+    that always says "A"; --shuffle_options randomises them, balanced in expectation)."""
     out = {}
     for m in rows:
         out.setdefault(m["dataset_name"], Counter())[m["answer_label"]] += 1
@@ -562,7 +562,7 @@ def eval_set(
     tokenizer: str = "",  # count prompt tokens with this model's processor ('' = skip)
     max_prompt_length: int = 1_000_000,  # eval prompts are not length-filtered by default
     num_proc: int = 0,  # worker processes (0 = up to 4 for large inputs)
-    shuffle_options: bool = False,  # permute each row's options (seeded; recipe: the original order)
+    shuffle_options: bool = False,  # shuffle each row's options (seeded; balanced in expectation only; recipe: off)
     option_seed: int = 0,  # the permutations' seed
 ):
     """The unified six-benchmark evaluation set."""
@@ -619,7 +619,7 @@ def text(
     tokenizer: str = "",  # count prompt tokens with this model's processor ('' = skip)
     max_prompt_length: int = 2048,  # recipe: prompts over 2048 tokens cannot be trained on
     num_proc: int = 0,  # worker processes (0 = up to 4 for large inputs)
-    shuffle_options: bool = False,  # permute each row's options (seeded; recipe: the original order)
+    shuffle_options: bool = False,  # shuffle each row's options (seeded; balanced in expectation only; recipe: off)
     option_seed: int = 0,  # the permutations' seed
 ):
     """Text-only training MCQs (m23k, or raw MedQA / MedMCQA / HEAD-QA / PubMedQA / MedXpertQA-Text files)."""
@@ -653,7 +653,7 @@ def pmc_vqa(
     tokenizer: str = "",  # count prompt tokens with this model's processor ('' = skip)
     max_prompt_length: int = 2048,  # recipe: prompts over 2048 tokens cannot be trained on
     num_proc: int = 0,  # worker processes (0 = up to 4 for large inputs)
-    shuffle_options: bool = False,  # permute each row's options (seeded; recipe: the original order)
+    shuffle_options: bool = False,  # shuffle each row's options (seeded; balanced in expectation only; recipe: off)
     option_seed: int = 0,  # the permutations' seed
 ):
     """PMC-VQA training set with the upstream cleaning rules (RECIPE §1.4) and image bounds (§1.6)."""

@@ -46,7 +46,8 @@ COLUMNS = {"pmc_vqa": "PMC", "MMMU-medical": "MMMU", "MedXpertQA-MM": "MedX-M", 
            "slake_closed": "SLAKE", "vqa_rad_closed": "VQA-Rad"}
 # A result folder resumes only for the same weights (checkpoint.model_id, not the --model spelling) and the same flags
 # that shape an answer; --runs, --benchmarks and --limit may grow, the engine and batch size may change.
-RESUME_SAME = ("model_id", "data", "split", "samples", "temperature", "top_p", "max_new_tokens", "seed", "dtype")
+RESUME_SAME = ("model_id", "data", "split", "samples", "temperature", "top_p", "max_new_tokens", "seed", "dtype",
+               "small_images")
 
 # -----------------------------------------------------------------------------------------------------------------
 # Pure helpers (tested directly)

@@ -28,7 +28,7 @@ penalty), --reward module:function (own reward), --shuffle false (easy-to-hard c
 the rollout engine's policy and the trainer's), --dynamic_sampling (DAPO: refill the step with groups whose rewards
 differ, up to --max_gen_rounds rounds).
 Measured on every step, whatever the flags: the rollout mismatch on every sampled token (mismatch/mean_abs, max_abs,
-k3_kl, frac_over_cap: engine log-probs against the trainer's old ones; ~1e-7 for the HF engine in fp32), which
+k3_kl, frac_over_cap: engine log-probs against the trainer's old ones; <= 1e-5 for the HF engine in fp32), which
 warns and then stops the run past --max_rollout_mismatch; reward, acc, format and length per source (dataset and
 modality: reward/text, acc/image, ...), for training and validation.
 Sampling never emits vision special tokens. Rollout seeds derive from (seed, step, dataset_index, sample), so a
@@ -266,7 +266,10 @@ def load_reward(spec: str):
     if not spec:
         return lambda response, item, token_ids: grading.strict_reward(response, item.answer, item.answer_label)
     mod, _, name = spec.partition(":")
-    fn = getattr(importlib.import_module(mod), name)
+    try:
+        fn = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise SystemExit(f"--reward {spec!r}: expected module:function, importable from here ({e})") from None
     wants = set(inspect.signature(fn).parameters)
 
     def call(response, item, token_ids):
@@ -893,6 +896,9 @@ def loss_config(c: dict) -> dict:
     """policy_loss's keyword arguments from main()'s flags `c`. A clip bound of -1 is the level's own default:
     0.2 per token (the recipe), GSPO's 3e-4 (low) and 4e-4 (high) per sequence (arXiv 2507.18071 §5.1)."""
     seq = c["importance_sampling_level"] == "sequence"
+    if c["rollout_correction_cap"] < 1:
+        raise SystemExit(f"--rollout_correction_cap {c['rollout_correction_cap']}: C must be >= 1 (TIS truncates "
+                         "weights above C; MIS keeps ratios in [1/C, C])")
     if seq and max(c["clip_low"], c["clip_high"]) > 0.01:  # e.g. a launcher's 0.2 kept by mistake
         dist.print0(f"note: GSPO (sequence-level ratio) with clip {c['clip_low']}/{c['clip_high']}: the mean log-ratio "
                     "of a response rarely leaves so wide a band; GSPO's own range is 3e-4/4e-4 (-1 picks it)")
@@ -1030,6 +1036,9 @@ def main(
     out = out or os.path.join("outputs", "grpo", f"{os.path.basename(resolve(model).rstrip('/'))}-{data.replace('/', '_')}")
     layout = Layout.of(train_batch, mini_batch, micro_batch, G, d.world_size)
     algo = loss_config(user_config)
+    reward_fn = load_reward(reward)  # a bad --reward stops here, before any output or model
+    if max_gen_rounds < 1:
+        raise SystemExit(f"--max_gen_rounds {max_gen_rounds}: at least 1 round (the step's own prompts)")
     max_rollout_mismatch = (MISMATCH_LIMIT.get(dtype, 0.5) if top_p == 1 else 0.5) if max_rollout_mismatch < 0 \
         else max_rollout_mismatch  # top_p < 1: vLLM's log-probs are the nucleus's, renormalised (see MISMATCH_LIMIT)
     check_output(out)
@@ -1039,7 +1048,6 @@ def main(
         print(f"grpo: {model} on {src} | {train_batch} prompts x {G} = {train_batch * G} responses/step, "
               f"{layout.updates} updates/step | engine {engine} | world {d.world_size} | out {out}", flush=True)
     log = Logger(out, user_config, d.is_main, wandb)
-    reward_fn = load_reward(reward)
 
     # Data: text fields validated up front; unusable rows are skipped and counted
     rows = load_rows(src, split)

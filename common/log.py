@@ -91,7 +91,9 @@ class Logger:
             return []
         rows = {}
         for r in read_jsonl(self.path)[0]:  # a torn last line was cut at start (repair_tail); others are skipped
-            rows[r["step"]] = r  # a resumed run rewrites the steps after its checkpoint: keep the last
+            # one row per step, its lines merged (a step's training metrics and its validation are two lines); a
+            # resumed run rewrites the steps after its checkpoint: the later values win
+            rows.setdefault(r["step"], {}).update(r)
         return [rows[k] for k in sorted(rows)]
 
     def finish(self):
@@ -117,8 +119,12 @@ def plot_curves(rows: list, keys: list, path: str, title: str = "") -> None:
     panels = [(name, ks) for name, ks in panels if ks]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (name, ks) in zip(axes[0], panels):
+    cols = min(5, len(panels))  # rows of at most 5 panels: a page shows them at a readable size
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (name, ks) in zip(axes.flat, panels):
         for k in ks:
             pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None,

@@ -289,6 +289,7 @@ def test_protocol_card_letters_and_small_images_through_regrade_and_compare(tmp_
     assert s["letters"]["toy"]["gold"] == {"A": 5} and sum(s["letters"]["toy"]["predicted"].values()) == 5
     page = open(tmp_path / "a" / "report.html").read()
     assert "Protocol" in page and "Answer letters" in page and p["prompt_sha256"] in page
+    assert "built-in method" not in page and page.count("{&#39;toy&#39;: 5}") == 1  # the items dict, not dict.items
     assert "Protocol:" in open(tmp_path / "a" / "results.md").read()
     run_py("evaluate.py", "regrade", str(tmp_path / "a"), "--grader", "strict", "--n_boot", "50")
     s2 = json.load(open(tmp_path / "a" / "summary.json"))

@@ -180,6 +180,17 @@ def test_gspo_and_rollout_corrections_match_written_out_formulas(level, mode):
         assert 0 < met["mis_masked"] < 1  # some responses are masked, some kept
 
 
+def test_bad_reward_spec_and_cap_stop_with_the_flag_named():
+    for spec in ["tests.toy_rewards:nope", "nomodule_xyz:f", "justaname"]:
+        with pytest.raises(SystemExit, match="--reward"):
+            grpo.load_reward(spec)
+    cfg = dict(importance_sampling_level="token", clip_low=-1, clip_high=-1, clip_c=3.0, kl_coef=0.0, kl_type="k3",
+               loss_agg="token-mean", entropy_coef=0.0, max_new_tokens=8, rollout_correction="tis",
+               rollout_correction_cap=0.5)
+    with pytest.raises(SystemExit, match="--rollout_correction_cap 0.5"):
+        grpo.loss_config(cfg)
+
+
 def test_rollout_mismatch_figures():
     """mean/max |d|, k3 = e^d - d - 1 and the count over log(C), on every masked token (d = old - rollout)."""
     old = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, -1.0]])

@@ -341,3 +341,16 @@ def test_reports_from_evaluate_compare_and_grpo(tmp_path, browser, tiny_vl, samp
     assert p.page.locator(".card img.thumb").count() == 2
     p.page.screenshot(path=str(tmp_path / "grpo.png"))
     print(f"\nscreenshots: {tmp_path}/report.png report_images.png compare.png grpo.png")
+
+
+def test_metric_rows_of_one_step_are_merged(tmp_path):
+    """A GRPO step that validates writes two lines (training metrics, then val/*): the curves and the page read one
+    row per step with both (before, the validation line replaced the training one, so the last step's training
+    point was never drawn); a resumed run's rewritten step wins."""
+    from common.log import Logger
+
+    lines = [{"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.2}, {"step": 2, "val/acc": 0.5},
+             {"step": 2, "reward": 0.25}]  # the last: step 2 again, from a run resumed at step 1
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    rows = Logger(str(tmp_path), {}, is_main=False).read()
+    assert rows == [{"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.25, "val/acc": 0.5}]
