@@ -540,11 +540,11 @@ def validate(llm, net, val_data: str, val_limit: int, max_prompt_length: int, se
         eps.append(Episode(it, p))
     outs = rollout(llm, net, eps, [mix_seed(seed, ep.item.dataset_index) for ep in eps],
                    dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=new_tokens), logprobs=False)
-    rews = [grading.strict_reward(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs)]
-    acc = sum(grading.lenient_correct(o[0].text, ep.item.answer, ep.item.answer_label) for ep, o in zip(eps, outs))
-    per_source = source_metrics(source_sums((ep.item, o[0], r) for ep, o, r in zip(eps, outs, rews)), "val/")
-    cnt, acc, rew, skipped, failed, over_long = dist.all_reduce_many([len(eps), acc, sum(rews), skipped, failed,
-                                                                      over_long])
+    rows = [graded(ep.item, o[0], grading.strict_reward(o[0].text, ep.item.answer, ep.item.answer_label))
+            for ep, o in zip(eps, outs)]
+    per_source = source_metrics(source_sums(rows), "val/")
+    cnt, acc, rew, skipped, failed, over_long = dist.all_reduce_many(
+        [len(eps), sum(row[2] for row in rows), sum(row[1] for row in rows), skipped, failed, over_long])
     return {"val/acc": acc / max(1, cnt), "val/reward": rew / max(1, cnt), "val/items": cnt, "val/skipped": skipped,
             "val/over_long": over_long, "val/failed": failed, **per_source}
 
@@ -565,7 +565,7 @@ def score(eps: list, reward_fn, G: int, max_new_tokens: int, overlong_buffer: in
     zero_var = 0
     for g, ep in enumerate(eps):
         ep.advantages = adv[g].tolist()
-        flat = len({r for r in ep.rewards if r == r}) <= 1  # scored rewards all equal (NaN != NaN)
+        flat = not informative(ep)
         zero_var += flat
         ep.loss_mask = [r == r and not (drop_zero_var and flat) and not (mask_truncated and s.finish_reason == "length")
                         for s, r in zip(ep.samples, ep.rewards)]
@@ -705,20 +705,27 @@ LOSS_METRICS = ("pg_loss", "clip_frac", "dual_clip_frac", "kl", "entropy", "tis_
 MISMATCH = ("mm_n", "mm_abs", "mm_k3", "mm_over")  # rollout_mismatch's sums
 
 
-def source_sums(triples) -> dict:
-    """{source: [samples, scored, reward sum, lenient-correct, format ok, tokens]} over (item, sample, reward)
-    triples, where a sample counts for its row's dataset_name and for its modality ("text" or "image")."""
+def graded(item, s, reward: float) -> tuple:
+    """(item, reward, lenient-correct, format ok, tokens) of one response: each grader runs once per response, for
+    the overall and the per-source metrics alike."""
+    return (item, reward, grading.lenient_correct(s.text, item.answer, item.answer_label), grading.format_ok(s.text),
+            len(s.token_ids))
+
+
+def source_sums(rows) -> dict:
+    """{source: [samples, scored, reward sum, lenient-correct, format ok, tokens]} over `graded` rows, where a
+    response counts for its row's dataset_name and for its modality ("text" or "image")."""
     out = {}
-    for item, s, r in triples:
+    for item, r, correct, fmt_ok, toks in rows:
         for src in dict.fromkeys((item.dataset_name, "image" if item.images else "text")):  # once if the same
             v = out.setdefault(src, [0, 0, 0.0, 0, 0, 0])
             scored = r == r  # NaN: unscored
             v[0] += 1
             v[1] += scored
             v[2] += r if scored else 0.0
-            v[3] += grading.lenient_correct(s.text, item.answer, item.answer_label)
-            v[4] += grading.format_ok(s.text)
-            v[5] += len(s.token_ids)
+            v[3] += correct
+            v[4] += fmt_ok
+            v[5] += toks
     return out
 
 
@@ -744,14 +751,14 @@ def step_metrics(eps: list, rewards, stats: list, norms: list, zero_var: int, ti
     The loss metrics are means over micro-batches weighted by their loss tokens; the mismatch ones are over every
     response token (rollout_mismatch)."""
     samples = [(ep, s) for ep in eps for s in ep.samples]
+    rows = [graded(ep.item, s, r) for ep in eps for s, r in zip(ep.samples, ep.rewards)]
     lens = [len(s.token_ids) for _, s in samples]
     n_prompt_tok = sum(len(ep.prompt.segment.ids) for ep in eps)
     G = len(eps[0].samples) if eps else 1
     local = {
         "r_sum": float(rewards.nansum()), "r_sq": float((rewards**2).nansum()), "scored": int((~rewards.isnan()).sum()),
         "count": len(lens), "len_sum": sum(lens),
-        "correct": sum(grading.lenient_correct(s.text, ep.item.answer, ep.item.answer_label) for ep, s in samples),
-        "fmt_ok": sum(grading.format_ok(s.text) for _, s in samples),
+        "correct": sum(row[2] for row in rows), "fmt_ok": sum(row[3] for row in rows),
         "truncated": sum(s.finish_reason == "length" for _, s in samples), "zero_var": zero_var, "groups": len(eps),
         "tok_trained": sum(lens) + (n_prompt_tok if share_prefix else n_prompt_tok * G),
         "w": sum(st[0] for st in stats), **{k: sum(st[0] * st[1].get(k, 0.0) for st in stats) for k in LOSS_METRICS},
@@ -785,7 +792,7 @@ def step_metrics(eps: list, rewards, stats: list, norms: list, zero_var: int, ti
         **({"rollout_correction/tis_weight": avg["tis_weight"]} if avg["tis_weight"] is not None else {}),
         **({"rollout_correction/mis_masked": avg["mis_masked"]} if avg["mis_masked"] is not None else {}),
         "mfu_update": mfu, **{f"time/{k}": tmax[k] for k in times},
-        **source_metrics(source_sums((ep.item, s, r) for ep in eps for s, r in zip(ep.samples, ep.rewards)))}
+        **source_metrics(source_sums(rows))}
 
 
 # --max_rollout_mismatch -1: the mean |log pi_trainer - log pi_engine| per sampled token above which the engine is not
