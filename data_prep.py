@@ -6,6 +6,7 @@ used, with its source row and reason). Folders are written to a temp path and re
 old folder or none, never half of one.
 
     python data_prep.py sample --out data/sample                   # bundled demo/test data (written by this project)
+    python data_prep.py reasoning --out data/reasoning             # computable clinical MCQs, train + held-out part
     python data_prep.py eval --out data/eval                       # UCSC-VLAA/MedVLThinker-Eval (hub or local copy)
     python data_prep.py eval --vqa_rad ../shared/data/real/vqa_rad --out data/eval_raw   # or from raw benchmark files
     python data_prep.py text --medqa medqa/train.jsonl --headqa headqa/train_HEAD_EN.json --out data/text
@@ -372,6 +373,136 @@ def sample_text_items(rng: random.Random) -> list:
     return out
 
 
+# Computable clinical MCQs (sub-command `reasoning`): the answer follows from what the question states, so a skill
+# learnt on the train part can carry over to the held-out part (other analytes, names, drugs, units, values).
+CLINICAL_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "clinical_vocab.json")
+CLINICAL_KINDS = ("abnormal", "fever", "gcs", "bmi", "dose", "convert")
+
+
+def _fmt(x: float, dp: int) -> str:
+    return f"{x:.{dp}f}"
+
+
+def _num(x: float) -> str:
+    """A number without trailing zeros: 250.0 -> '250', 0.25 -> '0.25'."""
+    return f"{x:.10f}".rstrip("0").rstrip(".")
+
+
+def _abnormal(rng, vocab, k):
+    picks = rng.sample(vocab["analytes"], k)
+    odd = rng.randrange(k)
+    lines, why, names = [], [], []
+    for j, (name, lo, hi, unit, dp) in enumerate(picks):
+        step = 10 ** -dp
+        if j == odd:
+            high = lo <= step or rng.random() < 0.5  # a lower limit of ~0 can only be exceeded
+            v = hi * rng.uniform(1.15, 1.8) if high else lo * rng.uniform(0.45, 0.85)
+            word = "above" if high else "below"
+        else:
+            v, word = rng.uniform(lo + (hi - lo) * 0.15, hi - (hi - lo) * 0.15), "within"
+        v = round(v, dp)
+        unit_s = f" {unit}" if unit else ""
+        lines.append(f"- {name} {_fmt(v, dp)}{unit_s} (reference {_fmt(lo, dp)}-{_fmt(hi, dp)})")
+        why.append(f"{name} {_fmt(v, dp)} is {word} {_fmt(lo, dp)}-{_fmt(hi, dp)}.")
+        names.append(name)
+    q = "Laboratory results:\n" + "\n".join(lines) + "\nWhich result lies outside its reference range?"
+    return q, names, odd, " ".join(why) + f" So {picks[odd][0]} is outside its range."
+
+
+def _fever(rng, vocab, k):
+    people = rng.sample(vocab["patients"], k)
+    odd = rng.randrange(k)
+    temps = [round(rng.uniform(38.1, 39.6), 1) if j == odd else round(rng.uniform(36.1, 37.7), 1) for j in range(k)]
+    q = ("Ward temperatures this morning: " + ", ".join(f"{p} {t:.1f} C" for p, t in zip(people, temps)) +
+         ". Fever is a temperature of 38.0 C or higher. Which patient has a fever?")
+    why = (f"{people[odd]} has {temps[odd]:.1f} C, which is 38.0 or higher; every other temperature is below 38.0.")
+    return q, people, odd, why
+
+
+def _gcs(rng, vocab, k, triples):
+    e, v, m = rng.choice(triples)
+    g = vocab["gcs"]
+    total = e + v + m
+    q = (f"A patient has {g['eye'][e - 1][1]} (E{e}), {g['verbal'][v - 1][1]} (V{v}) and {g['motor'][m - 1][1]} "
+         f"(M{m}). What is the Glasgow Coma Scale score?")
+    lo = max(3, min(total - rng.randrange(k), 15 - k + 1))
+    values = list(range(lo, lo + k))
+    return q, [str(x) for x in values], values.index(total), f"GCS = E + V + M = {e} + {v} + {m} = {total}."
+
+
+def _bmi(rng, vocab, k):
+    classes = vocab["bmi_classes"]
+    c = rng.randrange(len(classes))
+    lo, hi, name = classes[c]
+    b = round(rng.uniform(max(lo, 15.0) + 0.2, min(hi, 42.0) - 0.2), 1)
+    names = [x[2] for x in classes]
+    others = rng.sample([n for n in names if n != name], k - 1)
+    opts = others + [name]
+    q = (f"A patient's body mass index is {b:.1f} kg/m2. The WHO classes are: underweight below 18.5, normal weight "
+         f"18.5 to 24.9, overweight 25.0 to 29.9, obesity class I 30.0 to 34.9, obesity class II or higher 35.0 or "
+         f"more. Which class applies?")
+    rng_s = f"{lo:.1f} to {hi - 0.1:.1f}" if 0 < lo and hi < 99 else (f"below {hi:.1f}" if lo == 0 else f"{lo:.1f} or more")
+    return q, opts, opts.index(name), f"{b:.1f} is {rng_s}, so the class is {name[0].lower() + name[1:]}."
+
+
+def _dose(rng, vocab, k):
+    drug = rng.choice(vocab["drugs"])
+    w, d = rng.choice(range(10, 41, 2)), rng.choice([5, 10, 15, 20, 25, 30])
+    total = w * d
+    wrong = {w * (d + 5), w * (d - 5), (w + 10) * d, (w - 5) * d, w * d * 10, w + d, w * d // 10, w * (d + 10)}
+    wrong = sorted(x for x in wrong if x > 0 and x != total)
+    values = sorted(rng.sample(wrong, k - 1) + [total])
+    q = (f"A child weighing {w} kg is prescribed {drug} {d} mg/kg as a single dose. How many milligrams is the "
+         f"dose?")
+    return q, [f"{x} mg" for x in values], values.index(total), f"{w} kg x {d} mg/kg = {total} mg."
+
+
+def _convert(rng, vocab, k):
+    src, dst, f = rng.choice(vocab["conversions"])
+    x = rng.choice([0.25, 0.5, 1.5, 2.5, 4, 0.75, 3, 1.2, 2, 6.5, 9, 12.5] if f > 1 else [20, 25, 40, 125, 250, 500, 750, 1500])
+    ans = x * f
+    ladder = [ans * 10 ** p for p in range(-2, 3)]  # the answer among its powers of ten
+    start = rng.randrange(5 - k + 1) if k < 5 else 0
+    values = ladder[start:start + k]
+    if ans not in values:
+        values = ladder[:k] if ladder.index(ans) < k else ladder[-k:]
+    q = f"Convert {_num(x)} {src} to {dst} (1 {src} = {_num(f)} {dst})."
+    why = f"1 {src} = {_num(f)} {dst}, so {_num(x)} {src} = {_num(x)} x {_num(f)} = {_num(ans)} {dst}."
+    return q, [f"{_num(v)} {dst}" for v in values], values.index(ans), why
+
+
+def clinical_items(rng: random.Random, n: int, part: str, start_index: int = 0) -> list:
+    """`n` computable clinical MCQs from the `part` ('train' | 'held_out') of CLINICAL_VOCAB, kinds in turn
+    (CLINICAL_KINDS). Each item has a short worked reasoning trace; held-out items alternate 4 and 5 options and put
+    each letter the answer equally often per option count (up to n's remainder), the other options in a seeded random order."""
+    with open(CLINICAL_VOCAB, encoding="utf-8") as f:
+        raw = json.load(f)
+    vocab = {k: (v[part] if isinstance(v, dict) and part in v else v) for k, v in raw.items()}
+    all_triples = [(e, v, m) for e in range(1, 5) for v in range(1, 6) for m in range(1, 7)]
+    held = set(random.Random(1234).sample(all_triples, 40))  # GCS: the held-out part uses unseen E/V/M combinations
+    triples = sorted(held) if part == "held_out" else [t for t in all_triples if t not in held]
+    ks = [4 + (i // len(CLINICAL_KINDS)) % 2 for i in range(n)]
+    wants = {k: [j % k for j in range(ks.count(k))] for k in (4, 5)}  # each letter equally often per option count,
+    for w in wants.values():  # in a seeded order (a fixed cycle would tie letters to kinds)
+        rng.shuffle(w)
+    out = []
+    for i, k in enumerate(ks):
+        kind = CLINICAL_KINDS[i % len(CLINICAL_KINDS)]
+        make = {"abnormal": _abnormal, "fever": _fever, "bmi": _bmi, "dose": _dose, "convert": _convert}.get(kind)
+        q, texts, pos, why = make(rng, vocab, k) if make else _gcs(rng, vocab, k, triples)
+        want = wants[k].pop()
+        answer, rest = texts[pos], texts[:pos] + texts[pos + 1:]
+        rng.shuffle(rest)
+        texts, pos = rest[:want] + [answer] + rest[want:], want
+        letters = [chr(65 + j) for j in range(len(texts))]
+        opts = dict(zip(letters, texts))
+        why += f" The answer is {texts[pos]}, option {letters[pos]}."  # the letter follows from the trace
+        out.append({"images": None, "question": q, "options": opts, "answer_label": letters[pos],
+                    "answer": texts[pos], "reasoning": why, "dataset_name": f"clinical_{kind}",
+                    "dataset_index": start_index + i, "misc": {"kind": kind, "part": part}})
+    return out
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Writing: validate, bound images, count prompt tokens, drop over-long prompts, write data + manifest + rejects
 
@@ -544,6 +675,29 @@ def sample(
     write_set(list(enumerate(text[n_te:])), os.path.join(out, "text"), flags, "bundled facts (train)")
     write_set(list(enumerate(image[n_ie:])), os.path.join(out, "image"), flags, "drawn images (train)")
     write_set(list(enumerate(text[:n_te] + image[:n_ie])), os.path.join(out, "eval"), flags, "bundled (held out)")
+
+
+def reasoning(
+    out: str = "data/reasoning",  # writes out/{train,eval,image,image_eval}
+    seed: int = 0,  # values, names, option order and drawn images
+    n_train: int = 240,  # computable text MCQs to train on (6 kinds in turn)
+    n_eval: int = 120,  # held-out ones: other analytes, patients, drugs, units, GCS combinations and values
+    n_images: int = 40,  # drawn-image MCQs whose answer follows from the picture (VL path; 80 % train)
+):
+    """The learnable bundled set: clinical MCQs whose answer can be worked out from the question (a lab value against
+    its stated range, fever by a stated threshold, a GCS total, a BMI class from stated cut-offs, a weight-based
+    dose, a unit conversion), each with a short worked trace for SFT, and a held-out part that shares no analyte,
+    patient, drug, conversion or GCS combination with the train part (CLINICAL_VOCAB)."""
+    flags = dict(locals())
+    rng = random.Random(seed)
+    train = clinical_items(rng, n_train, "train")
+    held = clinical_items(rng, n_eval, "held_out", start_index=n_train)
+    image = sample_image_items(rng, n_images)
+    n_ie = n_images // 5
+    write_set(list(enumerate(train)), os.path.join(out, "train"), flags, "computable clinical MCQs (train)")
+    write_set(list(enumerate(held)), os.path.join(out, "eval"), flags, "computable clinical MCQs (held out)")
+    write_set(list(enumerate(image[n_ie:])), os.path.join(out, "image"), flags, "drawn images (train)")
+    write_set(list(enumerate(image[:n_ie])), os.path.join(out, "image_eval"), flags, "drawn images (held out)")
 
 
 def eval_set(
@@ -913,7 +1067,7 @@ def decontaminate(
             write_json(os.path.join(tmp, "manifest.json"), {**report, "rows_out": len(tr) - len(bad)})
 
 
-COMMANDS = {"sample": sample, "eval": eval_set, "text": text, "pmc_vqa": pmc_vqa, "filter": filter_set, "sft": sft,
+COMMANDS = {"sample": sample, "reasoning": reasoning, "eval": eval_set, "text": text, "pmc_vqa": pmc_vqa, "filter": filter_set, "sft": sft,
             "decontaminate": decontaminate}
 
 if __name__ == "__main__":

@@ -54,6 +54,60 @@ def test_sample_set(sample_data):
     assert not train_q & {(r["dataset_name"], r["question"], r["answer"]) for r in ev}
 
 
+def test_reasoning_set_is_computable_balanced_and_held_out(tmp_path):
+    """Issue 19 item 1: every answer follows from the question (recomputed here from its numbers), the held-out part
+    shares no analyte, patient, drug, conversion or GCS combination with the train part, it has 4- and 5-option
+    items with each letter equally often per option count, and every trace ends by naming the answer's option."""
+    import re
+
+    dp.reasoning(out=str(tmp_path / "r"), n_train=60, n_eval=120, n_images=10)
+    train, held = (load_rows(str(tmp_path / "r" / k)) for k in ("train", "eval"))
+    assert len(train) == 60 and len(held) == 120 and len(load_rows(str(tmp_path / "r" / "image_eval"))) == 2
+    assert manifest(tmp_path / "r" / "eval")["per_dataset"] == {f"clinical_{k}": 20 for k in dp.CLINICAL_KINDS}
+
+    def facts(r):  # the names a question mentions, and its GCS triple
+        return set(re.findall(r"(?:Mr|Ms) [A-Z][a-z]+|^- ([A-Za-z ]+?) [0-9]", r["question"], re.M)) - {""}, \
+            re.findall(r"\(E(\d)\).*\(V(\d)\).*\(M(\d)\)", r["question"]), \
+            re.findall(r"prescribed ([a-z-]+)|Convert [0-9.]+ (.+?) to (.+?) \(", r["question"])
+    seen = [set(), set(), set()]
+    for r in train:
+        for s, f in zip(seen, facts(r)):
+            s.update(map(str, f) if not isinstance(f, set) else f)
+    for r in held:
+        for s, f in zip(seen, facts(r)):
+            assert not s & (set(map(str, f)) if not isinstance(f, set) else f), (r["question"], s & set(map(str, f)))
+    by_k = Counter((len(json.loads(r["options"])), r["answer_label"]) for r in held)
+    assert by_k == {**{(4, L): 15 for L in "ABCD"}, **{(5, L): 12 for L in "ABCDE"}}, by_k
+    for r in list(train) + list(held):
+        opts, kind = json.loads(r["options"]), r["dataset_name"].removeprefix("clinical_")
+        assert opts[r["answer_label"]] == r["answer"] and len(set(opts.values())) == len(opts), r
+        assert r["reasoning"].endswith(f"The answer is {r['answer']}, option {r['answer_label']}."), r["reasoning"]
+        q = r["question"]
+        if kind == "gcs":
+            assert int(r["answer"]) == sum(map(int, re.findall(r"\([EVM](\d)\)", q)))
+        elif kind == "dose":
+            w, d = map(int, re.findall(r"(\d+) kg .* (\d+) mg/kg", q)[0])
+            assert r["answer"] == f"{w * d} mg"
+        elif kind == "convert":
+            x, f = (float(v) for v in re.findall(r"Convert ([0-9.]+) .*= ([0-9.]+) ", q)[0])
+            assert abs(float(r["answer"].split()[0]) - x * f) < 1e-9 * max(1, x * f)
+        elif kind == "fever":
+            temps = dict(re.findall(r"((?:Mr|Ms) [A-Z][a-z]+) ([0-9.]+) C", q))
+            assert [p for p, t in temps.items() if float(t) >= 38.0] == [r["answer"]]
+        elif kind == "bmi":
+            b = float(re.findall(r"index is ([0-9.]+)", q)[0])
+            assert r["answer"] == next(n for lo, hi, n in [(0, 18.5, "Underweight"), (18.5, 25, "Normal weight"),
+                                        (25, 30, "Overweight"), (30, 35, "Obesity class I"),
+                                        (35, 99, "Obesity class II or higher")] if lo <= b < hi)
+        else:
+            out = [n for n, v, lo, hi in re.findall(r"^- ([A-Za-z ]+?) ([0-9.]+)\S* ?\S* \(reference ([0-9.]+)-([0-9.]+)\)",
+                                                   q, re.M) if not float(lo) <= float(v) <= float(hi)]
+            assert out == [r["answer"]], (q, out)
+    again = tmp_path / "again"
+    dp.reasoning(out=str(again), n_train=60, n_eval=120, n_images=10)  # seeded: the same bytes again
+    assert manifest(again / "eval")["sha256"] == manifest(tmp_path / "r" / "eval")["sha256"]
+
+
 def test_real_text_sources_convert(real, tmp_path):
     out = tmp_path / "text"
     m = dp.text(out=str(out), medqa=f"{real}/medqa_usmle_4opt/test.jsonl", medmcqa=f"{real}/medmcqa_medagents/test.jsonl",
