@@ -388,10 +388,18 @@ def _num(x: float) -> str:
     return f"{x:.10f}".rstrip("0").rstrip(".")
 
 
+# Each maker returns (question, option texts, index of the answer, the working, a note per option text). The trace
+# is the working, then the options in the order shown, letter first, each with its check, up to the one that fits,
+# then that letter: the letter is written next to the check that picks it (pilots in issue 19: a trace that named
+# the answer's text at its end taught SmolLM2 the format and often the right conclusion, but not the letter that goes
+# with it; one that checked every option and then named the letter gave the letter of the fitting one 65 % of the
+# time).
+
+
 def _abnormal(rng, vocab, k):
     picks = rng.sample(vocab["analytes"], k)
     odd = rng.randrange(k)
-    lines, why, names = [], [], []
+    lines, notes, names = [], {}, []
     for j, (name, lo, hi, unit, dp) in enumerate(picks):
         step = 10 ** -dp
         if j == odd:
@@ -403,10 +411,10 @@ def _abnormal(rng, vocab, k):
         v = round(v, dp)
         unit_s = f" {unit}" if unit else ""
         lines.append(f"- {name} {_fmt(v, dp)}{unit_s} (reference {_fmt(lo, dp)}-{_fmt(hi, dp)})")
-        why.append(f"{name} {_fmt(v, dp)} is {word} {_fmt(lo, dp)}-{_fmt(hi, dp)}.")
+        notes[name] = f"{name} {_fmt(v, dp)} is {word} {_fmt(lo, dp)}-{_fmt(hi, dp)}" + (", outside." if j == odd else ".")
         names.append(name)
     q = "Laboratory results:\n" + "\n".join(lines) + "\nWhich result lies outside its reference range?"
-    return q, names, odd, " ".join(why) + f" So {picks[odd][0]} is outside its range."
+    return q, names, odd, "Check each result against its range.", notes
 
 
 def _fever(rng, vocab, k):
@@ -415,8 +423,13 @@ def _fever(rng, vocab, k):
     temps = [round(rng.uniform(38.1, 39.6), 1) if j == odd else round(rng.uniform(36.1, 37.7), 1) for j in range(k)]
     q = ("Ward temperatures this morning: " + ", ".join(f"{p} {t:.1f} C" for p, t in zip(people, temps)) +
          ". Fever is a temperature of 38.0 C or higher. Which patient has a fever?")
-    why = (f"{people[odd]} has {temps[odd]:.1f} C, which is 38.0 or higher; every other temperature is below 38.0.")
-    return q, people, odd, why
+    notes = {p: f"{p} {t:.1f} C, " + ("38.0 or higher, fever." if j == odd else "below 38.0.")
+             for j, (p, t) in enumerate(zip(people, temps))}
+    return q, people, odd, "Fever is 38.0 C or higher.", notes
+
+
+def _match(values, answer):  # the note of a computed kind: does this option equal the result?
+    return {v: f"{v}, " + ("matches." if v == answer else "no.") for v in values}
 
 
 def _gcs(rng, vocab, k, triples):
@@ -426,8 +439,8 @@ def _gcs(rng, vocab, k, triples):
     q = (f"A patient has {g['eye'][e - 1][1]} (E{e}), {g['verbal'][v - 1][1]} (V{v}) and {g['motor'][m - 1][1]} "
          f"(M{m}). What is the Glasgow Coma Scale score?")
     lo = max(3, min(total - rng.randrange(k), 15 - k + 1))
-    values = list(range(lo, lo + k))
-    return q, [str(x) for x in values], values.index(total), f"GCS = E + V + M = {e} + {v} + {m} = {total}."
+    values = [str(x) for x in range(lo, lo + k)]
+    return q, values, values.index(str(total)), f"GCS = E + V + M = {e} + {v} + {m} = {total}.", _match(values, str(total))
 
 
 def _bmi(rng, vocab, k):
@@ -441,8 +454,10 @@ def _bmi(rng, vocab, k):
     q = (f"A patient's body mass index is {b:.1f} kg/m2. The WHO classes are: underweight below 18.5, normal weight "
          f"18.5 to 24.9, overweight 25.0 to 29.9, obesity class I 30.0 to 34.9, obesity class II or higher 35.0 or "
          f"more. Which class applies?")
-    rng_s = f"{lo:.1f} to {hi - 0.1:.1f}" if 0 < lo and hi < 99 else (f"below {hi:.1f}" if lo == 0 else f"{lo:.1f} or more")
-    return q, opts, opts.index(name), f"{b:.1f} is {rng_s}, so the class is {name[0].lower() + name[1:]}."
+    def span(l, h):
+        return f"{l:.1f} to {h - 0.1:.1f}" if 0 < l and h < 99 else (f"below {h:.1f}" if l == 0 else f"{l:.1f} or more")
+    notes = {n: f"{n} is {span(l, h)}, " + ("yes." if n == name else "no.") for l, h, n in classes}
+    return q, opts, opts.index(name), f"The BMI is {b:.1f}.", notes
 
 
 def _dose(rng, vocab, k):
@@ -451,10 +466,10 @@ def _dose(rng, vocab, k):
     total = w * d
     wrong = {w * (d + 5), w * (d - 5), (w + 10) * d, (w - 5) * d, w * d * 10, w + d, w * d // 10, w * (d + 10)}
     wrong = sorted(x for x in wrong if x > 0 and x != total)
-    values = sorted(rng.sample(wrong, k - 1) + [total])
+    values = [f"{x} mg" for x in sorted(rng.sample(wrong, k - 1) + [total])]
     q = (f"A child weighing {w} kg is prescribed {drug} {d} mg/kg as a single dose. How many milligrams is the "
          f"dose?")
-    return q, [f"{x} mg" for x in values], values.index(total), f"{w} kg x {d} mg/kg = {total} mg."
+    return q, values, values.index(f"{total} mg"), f"{w} kg x {d} mg/kg = {total} mg.", _match(values, f"{total} mg")
 
 
 def _convert(rng, vocab, k):
@@ -463,18 +478,20 @@ def _convert(rng, vocab, k):
     ans = x * f
     ladder = [ans * 10 ** p for p in range(-2, 3)]  # the answer among its powers of ten
     start = rng.randrange(5 - k + 1) if k < 5 else 0
-    values = ladder[start:start + k]
-    if ans not in values:
-        values = ladder[:k] if ladder.index(ans) < k else ladder[-k:]
-    q = f"Convert {_num(x)} {src} to {dst} (1 {src} = {_num(f)} {dst})."
-    why = f"1 {src} = {_num(f)} {dst}, so {_num(x)} {src} = {_num(x)} x {_num(f)} = {_num(ans)} {dst}."
-    return q, [f"{_num(v)} {dst}" for v in values], values.index(ans), why
+    nums = ladder[start:start + k]
+    if ans not in nums:
+        nums = ladder[:k] if ladder.index(ans) < k else ladder[-k:]
+    values = [f"{_num(v)} {dst}" for v in nums]
+    a = f"{_num(ans)} {dst}"
+    return (f"Convert {_num(x)} {src} to {dst} (1 {src} = {_num(f)} {dst}).", values, values.index(a),
+            f"{_num(x)} x {_num(f)} = {a}.", _match(values, a))
 
 
 def clinical_items(rng: random.Random, n: int, part: str, start_index: int = 0) -> list:
     """`n` computable clinical MCQs from the `part` ('train' | 'held_out') of CLINICAL_VOCAB, kinds in turn
-    (CLINICAL_KINDS). Each item has a short worked reasoning trace; held-out items alternate 4 and 5 options and put
-    each letter the answer equally often per option count (up to n's remainder), the other options in a seeded random order."""
+    (CLINICAL_KINDS). Each item has a short worked trace: the working, the options in the order shown with their
+    checks up to the one that fits, and `The answer is {letter}.` Items alternate 4 and 5 options and put the answer at each letter equally
+    often per option count (up to n's remainder), the other options in a seeded random order."""
     with open(CLINICAL_VOCAB, encoding="utf-8") as f:
         raw = json.load(f)
     vocab = {k: (v[part] if isinstance(v, dict) and part in v else v) for k, v in raw.items()}
@@ -489,14 +506,15 @@ def clinical_items(rng: random.Random, n: int, part: str, start_index: int = 0) 
     for i, k in enumerate(ks):
         kind = CLINICAL_KINDS[i % len(CLINICAL_KINDS)]
         make = {"abnormal": _abnormal, "fever": _fever, "bmi": _bmi, "dose": _dose, "convert": _convert}.get(kind)
-        q, texts, pos, why = make(rng, vocab, k) if make else _gcs(rng, vocab, k, triples)
+        q, texts, pos, working, notes = make(rng, vocab, k) if make else _gcs(rng, vocab, k, triples)
         want = wants[k].pop()
         answer, rest = texts[pos], texts[:pos] + texts[pos + 1:]
         rng.shuffle(rest)
         texts, pos = rest[:want] + [answer] + rest[want:], want
         letters = [chr(65 + j) for j in range(len(texts))]
         opts = dict(zip(letters, texts))
-        why += f" The answer is {texts[pos]}, option {letters[pos]}."  # the letter follows from the trace
+        why = " ".join([working] + [f"{L}. {notes[t]}" for L, t in list(opts.items())[:pos + 1]] +
+                       [f"The answer is {letters[pos]}."])
         out.append({"images": None, "question": q, "options": opts, "answer_label": letters[pos],
                     "answer": texts[pos], "reasoning": why, "dataset_name": f"clinical_{kind}",
                     "dataset_index": start_index + i, "misc": {"kind": kind, "part": part}})

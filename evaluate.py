@@ -628,7 +628,8 @@ def compare(
     out: str = "",  # the page of flipped items ('' = <b>/compare.html)
 ):
     """Paired bootstrap of accuracy(b) - accuracy(a) per benchmark and on Avg., over the items both evaluated; the
-    table is printed and, with the items that flipped, written to compare.html."""
+    table is printed and, with the items that flipped, written to compare.html; the table alone (rows: benchmark,
+    n, a, b, diff, lo, hi, p_le0 in accuracy points) and the protocol keys that differ go to compare.json beside it."""
     cli.check_choices(compare, locals())
     ra, rb = read_records(a), read_records(b)
     pa, pb = (read_protocol(x) for x in (a, b))
@@ -667,7 +668,9 @@ def compare(
     report.write_compare(out, os.path.basename(a.rstrip("/")), os.path.basename(b.rstrip("/")), table, ra, rb,
                          {**report.read_thumbs(a), **report.read_thumbs(b)}, key=grading.verdict_field(grader),
                          grader=grader, protocols=[protocol_lines(pa), protocol_lines(pb)], differ=differ)
-    print(f"wrote {out}")
+    write_json(os.path.splitext(out)[0] + ".json", {"a": a, "b": b, "grader": grader, "n_boot": n_boot, "seed": seed,
+                                                    "differ": differ, "table": table})
+    print(f"wrote {out} and its table as {os.path.splitext(out)[0]}.json")
 
 
 COMMANDS = {"": main, "regrade": regrade, "compare": compare}

@@ -57,7 +57,8 @@ def test_sample_set(sample_data):
 def test_reasoning_set_is_computable_balanced_and_held_out(tmp_path):
     """Issue 19 item 1: every answer follows from the question (recomputed here from its numbers), the held-out part
     shares no analyte, patient, drug, conversion or GCS combination with the train part, it has 4- and 5-option
-    items with each letter equally often per option count, and every trace ends by naming the answer's option."""
+    items with each letter equally often per option count, and every trace checks the options in the order
+    shown, letter first, up to the answer's, and ends with the answer's letter."""
     import re
 
     dp.reasoning(out=str(tmp_path / "r"), n_train=60, n_eval=120, n_images=10)
@@ -81,7 +82,11 @@ def test_reasoning_set_is_computable_balanced_and_held_out(tmp_path):
     for r in list(train) + list(held):
         opts, kind = json.loads(r["options"]), r["dataset_name"].removeprefix("clinical_")
         assert opts[r["answer_label"]] == r["answer"] and len(set(opts.values())) == len(opts), r
-        assert r["reasoning"].endswith(f"The answer is {r['answer']}, option {r['answer_label']}."), r["reasoning"]
+        walk = re.findall(r" ([A-E])\. (.+?)(?= [A-E]\. | The answer is)", r["reasoning"])  # every option in order
+        upto = list(opts)[:list(opts).index(r["answer_label"]) + 1]
+        assert [L for L, _ in walk] == upto and r["reasoning"].endswith(f"The answer is {r['answer_label']}.")
+        picked = [L for L, note in walk if note.endswith(("matches.", "yes.", "outside.", "fever."))]
+        assert picked == [r["answer_label"]] and all(opts[L] in note for L, note in walk), r["reasoning"]
         q = r["question"]
         if kind == "gcs":
             assert int(r["answer"]) == sum(map(int, re.findall(r"\([EVM](\d)\)", q)))

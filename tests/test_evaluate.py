@@ -99,6 +99,9 @@ def test_smollm2_text_resume_regrade_compare(tmp_path, smollm2, sample_data):
     assert new[0]["correct"] and new[0]["correct_strict"] and "| Model |" in p.stdout
     p = run_py("evaluate.py", "compare", str(full), str(part), "--n_boot", "200")
     assert "| Avg. | 8 |" in p.stdout and "sample_text" in p.stdout
+    table = json.load(open(part / "compare.json"))["table"]  # the printed table, machine-readable beside the page
+    assert [r["benchmark"] for r in table] == ["sample_text", "Avg."] and table[-1]["n"] == 8
+    assert table[-1]["lo"] <= table[-1]["diff"] <= table[-1]["hi"]
 
 
 def _tags_rows(tmp_path, n_good=3):
@@ -304,6 +307,7 @@ def test_protocol_card_letters_and_small_images_through_regrade_and_compare(tmp_
     assert "not made the same way" in diff.stdout and "max_new_tokens 4 vs 6" in diff.stdout, diff.stdout
     assert "small_images" in diff.stdout and "grader strict vs lenient" in diff.stdout
     assert "differ" in open(tmp_path / "c" / "compare.html").read()
+    assert "max_new_tokens" in json.load(open(tmp_path / "c" / "compare.json"))["differ"]
     pc = json.load(open(tmp_path / "c" / "summary.json"))["protocol"]
     assert pc["small_images"]["items"] == {"toy": 1} and pc["small_images"]["handling"].startswith("skipped")
     assert pc["data"]["items"] == {"toy": 4} and pc["rejected"]["count"] == 3
