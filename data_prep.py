@@ -390,10 +390,10 @@ def _num(x: float) -> str:
 
 # Each maker returns (question, option texts, index of the answer, the working, a note per option text). The trace
 # is the working, then the options in the order shown, letter first, each with its check, up to the one that fits,
-# then that letter: the letter is written next to the check that picks it (pilots in issue 19: a trace that named
+# then that letter: the letter is written next to the check that picks it (SmolLM2-135M pilots: a trace that named
 # the answer's text at its end taught SmolLM2 the format and often the right conclusion, but not the letter that goes
-# with it; one that checked every option and then named the letter gave the letter of the fitting one 65 % of the
-# time).
+# with it; one that checked every option and then named the letter gave the letter of the fitting one 24-65 % of
+# the time, by the SFT run).
 
 
 def _abnormal(rng, vocab, k):
@@ -490,8 +490,9 @@ def _convert(rng, vocab, k):
 def clinical_items(rng: random.Random, n: int, part: str, start_index: int = 0) -> list:
     """`n` computable clinical MCQs from the `part` ('train' | 'held_out') of CLINICAL_VOCAB, kinds in turn
     (CLINICAL_KINDS). Each item has a short worked trace: the working, the options in the order shown with their
-    checks up to the one that fits, and `The answer is {letter}.` Items alternate 4 and 5 options and put the answer at each letter equally
-    often per option count (up to n's remainder), the other options in a seeded random order."""
+    checks up to the one that fits, and `The answer is {letter}.` Each round of the six kinds has 4 options, the next
+    5, and so on; the answer sits at each letter equally often per option count (up to n's remainder), the other
+    options in a seeded random order."""
     with open(CLINICAL_VOCAB, encoding="utf-8") as f:
         raw = json.load(f)
     vocab = {k: (v[part] if isinstance(v, dict) and part in v else v) for k, v in raw.items()}

@@ -628,9 +628,12 @@ def compare(
     out: str = "",  # the page of flipped items ('' = <b>/compare.html)
 ):
     """Paired bootstrap of accuracy(b) - accuracy(a) per benchmark and on Avg., over the items both evaluated; the
-    table is printed and, with the items that flipped, written to compare.html; the table alone (rows: benchmark,
-    n, a, b, diff, lo, hi, p_le0 in accuracy points) and the protocol keys that differ go to compare.json beside it."""
+    table is printed and, with the items that flipped, written to compare.html (`out`); the table alone (rows:
+    benchmark, name, n, and a, b, diff, lo, hi in accuracy points, p_le0) and the protocol keys that differ go to
+    the page's name with .json (compare.json)."""
     cli.check_choices(compare, locals())
+    if out.endswith(".json"):
+        raise SystemExit(f"--out {out}: the page is HTML and its table goes beside it as .json; name the page .html")
     ra, rb = read_records(a), read_records(b)
     pa, pb = (read_protocol(x) for x in (a, b))
     differ = [k for k in PROTOCOL_SAME if pa.get(k) != pb.get(k)] if pa and pb else []

