@@ -25,8 +25,13 @@ echo "engine: $ENGINE, dtype: $DTYPE"
 EVAL=(--data "$DATA/eval" --runs 1 --max_new_tokens 200 --dtype "$DTYPE" --batch_size 24 --n_boot 1000 --engine "$ENGINE")
 
 # evaluate.py would resume into an older run's folder and sft/grpo append to their metrics: remove what this
-# script wrote there before (only that, whatever OUT is)
-rm -rf "$OUT"/eval_base "$OUT"/eval_sft "$OUT"/eval_sft_grpo "$OUT"/sft "$OUT"/grpo "$OUT"/compare_*_sft_grpo.{html,json}
+# script wrote there before, only in a folder it made (marked by .run_demo), never in one holding other files
+if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ] && [ ! -f "$OUT/.run_demo" ]; then
+  echo "run/demo.sh: $OUT holds files this script did not write (no $OUT/.run_demo); set OUT to a new folder" >&2
+  exit 2
+fi
+mkdir -p "$OUT" && touch "$OUT/.run_demo"
+rm -rf -- "$OUT"/eval_base "$OUT"/eval_sft "$OUT"/eval_sft_grpo "$OUT"/sft "$OUT"/grpo "$OUT"/compare_*_sft_grpo.{html,json}
 $PY data_prep.py reasoning --out "$DATA"  # ~10 s; an older version's traces are never reused
 [ -f "$MODEL/model.safetensors" ] || $PY -m common.testmodels smollm2 "$MODEL"
 
