@@ -112,6 +112,13 @@ def test_reasoning_set_is_computable_balanced_and_held_out(tmp_path):
     again = tmp_path / "again"
     dp.reasoning(out=str(again), n_train=60, n_eval=120, n_images=10)  # seeded: the same bytes again
     assert manifest(again / "eval")["sha256"] == manifest(tmp_path / "r" / "eval")["sha256"]
+    dp.reasoning(out=str(tmp_path / "f"), n_train=12, n_eval=120, n_images=5, kinds="fever")  # run/demo.sh's set
+    fever = load_rows(str(tmp_path / "f" / "eval"))
+    assert manifest(tmp_path / "f" / "eval")["per_dataset"] == {"clinical_fever": 120}
+    assert Counter((len(json.loads(r["options"])), r["answer_label"]) for r in fever) == by_k  # still balanced
+    with pytest.raises(ValueError, match="unknown clinical kind.*fevr.*the kinds are abnormal, fever"):
+        dp.reasoning(out=str(tmp_path / "x"), kinds="fever,fevr")
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 def test_real_text_sources_convert(real, tmp_path):
