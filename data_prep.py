@@ -374,7 +374,8 @@ def sample_text_items(rng: random.Random) -> list:
 
 
 # Computable clinical MCQs (sub-command `reasoning`): the answer follows from what the question states, so a skill
-# learnt on the train part can carry over to the held-out part (other analytes, names, drugs, units, values).
+# learnt on the train part can carry over to the held-out part (other analytes, names, drugs, units and values,
+# except fever's temperatures and the BMI values, drawn from the same bands in both parts).
 CLINICAL_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "clinical_vocab.json")
 CLINICAL_KINDS = ("abnormal", "fever", "gcs", "bmi", "dose", "convert")
 
@@ -500,9 +501,11 @@ def clinical_items(rng: random.Random, n: int, part: str, start_index: int = 0,
     all_triples = [(e, v, m) for e in range(1, 5) for v in range(1, 6) for m in range(1, 7)]
     held = set(random.Random(1234).sample(all_triples, 40))  # GCS: the held-out part uses unseen E/V/M combinations
     triples = sorted(held) if part == "held_out" else [t for t in all_triples if t not in held]
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     bad = [k for k in kinds if k not in CLINICAL_KINDS]
     if bad or not kinds:
-        raise ValueError(f"unknown clinical kind(s) {bad or kinds!r}; the kinds are {', '.join(CLINICAL_KINDS)}")
+        what = f"unknown clinical kind(s) {bad}" if bad else "no clinical kind given"
+        raise ValueError(f"{what}; the kinds are {', '.join(CLINICAL_KINDS)}")
     ks = [4 + (i // len(kinds)) % 2 for i in range(n)]
     wants = {k: [j % k for j in range(ks.count(k))] for k in (4, 5)}  # each letter equally often per option count,
     for w in wants.values():  # in a seeded order (a fixed cycle would tie letters to kinds)
@@ -704,18 +707,21 @@ def reasoning(
     out: str = "data/reasoning",  # writes out/{train,eval,image,image_eval}
     seed: int = 0,  # values, names, option order and drawn images
     n_train: int = 240,  # computable text MCQs to train on (the kinds in turn)
-    n_eval: int = 120,  # held-out ones: other analytes, patients, drugs, units, GCS combinations and values
+    n_eval: int = 120,  # held-out ones: other analytes, patients, drugs, units and GCS combinations
     n_images: int = 40,  # drawn-image MCQs whose answer follows from the picture (VL path; 80 % train)
     kinds: str = ",".join(CLINICAL_KINDS),  # comma-separated subset of abnormal,fever,gcs,bmi,dose,convert
 ):
     """The learnable bundled set: clinical MCQs whose answer can be worked out from the question (a lab value against
     its stated range, fever by a stated threshold, a GCS total, a BMI class from stated cut-offs, a weight-based
     dose, a unit conversion), each with a short worked trace for SFT, and a held-out part that shares no analyte,
-    patient, drug, conversion or GCS combination with the train part (CLINICAL_VOCAB). `kinds` picks which of them
-    (ValueError for an unknown one). On SmolLM2-135M with one epoch of 240 traces, held out: fever alone 93 %, the six
-    kinds mixed 23 %, at chance (issue 19's pilots; run/demo.sh uses fever)."""
+    patient, drug, conversion or GCS combination with the train part (CLINICAL_VOCAB); fever's temperatures (36.1-37.7
+    and 38.1-39.6 C, threshold 38.0) and the BMI values come from the same bands in both parts. `kinds` (a comma-
+    separated string or a sequence) picks which of them; ValueError for an unknown one. On SmolLM2-135M with one epoch
+    of 240 traces, held out: fever alone 93 %, lab ranges alone 15 %, the six kinds mixed 23 %, at chance (pilots of
+    2026-12-04; run/demo.sh uses fever)."""
     flags = dict(locals())
-    chosen = tuple(k.strip() for k in kinds.split(",") if k.strip())
+    parts = kinds.split(",") if isinstance(kinds, str) else kinds
+    chosen = tuple(dict.fromkeys(k.strip() for k in parts if k.strip()))  # in order, each once
     rng = random.Random(seed)
     train = clinical_items(rng, n_train, "train", kinds=chosen)
     held = clinical_items(rng, n_eval, "held_out", start_index=n_train, kinds=chosen)

@@ -3,8 +3,8 @@
 # (SmolLM2-135M-Instruct): computable clinical MCQs (data_prep.py reasoning) -> evaluate the base model on 120
 # held-out items -> SFT on the worked traces -> GRPO with the recipe's strict reward -> evaluate SFT and SFT+GRPO on
 # the same held-out items -> the table and two paired bootstraps (base -> SFT+GRPO, SFT -> SFT+GRPO).
-# The held-out items use patients and temperatures that training never shows, so a gain in accuracy there is a skill
-# carried over, not a fact remembered: measured 12.5 % (base) -> 93.3 % (SFT) -> 96.7 % (SFT+GRPO), chance 22.5 %
+# The held-out items use patients that training never shows (temperatures from the same bands), so a gain in accuracy
+# there is a skill carried over, not a fact remembered: measured 12.5 % (base) -> 93.3 % (SFT) -> 96.7 % (SFT+GRPO), chance 22.5 %
 # (README, "What the demo shows"). On a GPU the same scripts run the real thing. Each run starts afresh: it deletes its own folders in $OUT (outputs/demo; 3.8 GB when done, most of
 # it the resumable checkpoints) and rewrites $DATA (seeded, so the same bytes).
 set -euo pipefail
@@ -29,11 +29,13 @@ if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ] && [ ! -f "$OUT/.run_demo" ]; then
   echo "run/demo.sh: $OUT holds files this script did not write (no $OUT/.run_demo); set OUT to a new folder" >&2
   exit 2
 fi
-mkdir -p "$OUT" && touch "$OUT/.run_demo"
-rm -rf -- "$OUT"/eval_base "$OUT"/eval_sft "$OUT"/eval_sft_grpo "$OUT"/sft "$OUT"/grpo "$OUT"/compare_*_sft_grpo.{html,json}
 # one kind, fever by a stated threshold: SmolLM2-135M learns it from 240 traces (93 % held out in a pilot), while the
-# six kinds mixed, 40 traces each, stay at chance (issue 19); KINDS=abnormal,fever,gcs,bmi,dose,convert for all
+# six kinds mixed, 40 traces each, stay at chance; KINDS=abnormal,fever,gcs,bmi,dose,convert for all. The data comes
+# first, so a bad KINDS stops the script before it deletes an earlier run's results
 $PY data_prep.py reasoning --out "$DATA" --kinds "${KINDS:-fever}"  # ~10 s; an older version's traces are never reused
+mkdir -p "$OUT"
+touch "$OUT/.run_demo"
+rm -rf -- "$OUT"/eval_base "$OUT"/eval_sft "$OUT"/eval_sft_grpo "$OUT"/sft "$OUT"/grpo "$OUT"/compare_*_sft_grpo.{html,json}
 [ -f "$MODEL/model.safetensors" ] || $PY -m common.testmodels smollm2 "$MODEL"
 
 SECONDS=0

@@ -375,7 +375,7 @@ def test_two_ranks_run_and_validate(tmp_path, tiny_vl, toy_images, vqa_rad_eval)
 def test_smollm2_sft_then_grpo_learns(tmp_path, smollm2):
     """Issue 19: the demo itself (run/demo.sh), on the real SmolLM2-135M-Instruct: base -> SFT on the worked traces of
     the computable clinical MCQs (data_prep.py reasoning, fever by a stated threshold) -> GRPO with the recipe's
-    strict reward, each evaluated greedily on the 120 held-out items, whose patients and temperatures training never
+    strict reward, each evaluated greedily on the 120 held-out items, whose patients training never
     shows. Two claims, each by a bootstrap over the items: the gain base -> SFT+GRPO is real (paired, its 95 % CI lies
     above 0), and the skill carried over, not only the answer format (the SFT+GRPO accuracy's 95 % CI lies above
     chance, 22.5 % with half the items at 4 options and half at 5). The bootstrap covers which items were drawn, not
