@@ -489,7 +489,7 @@ def _convert(rng, vocab, k):
 
 
 def clinical_items(rng: random.Random, n: int, part: str, start_index: int = 0,
-                   kinds: tuple[str, ...] = CLINICAL_KINDS) -> list:
+                   kinds: str | tuple[str, ...] = CLINICAL_KINDS) -> list:
     """`n` computable clinical MCQs from the `part` ('train' | 'held_out') of CLINICAL_VOCAB, the `kinds` (a subset
     of CLINICAL_KINDS) in turn. Each item has a short worked trace: the working, the options in the order shown with
     their checks up to the one that fits, and `The answer is {letter}.` Each round of the kinds has 4 options, the
@@ -501,7 +501,8 @@ def clinical_items(rng: random.Random, n: int, part: str, start_index: int = 0,
     all_triples = [(e, v, m) for e in range(1, 5) for v in range(1, 6) for m in range(1, 7)]
     held = set(random.Random(1234).sample(all_triples, 40))  # GCS: the held-out part uses unseen E/V/M combinations
     triples = sorted(held) if part == "held_out" else [t for t in all_triples if t not in held]
-    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    parts = kinds.split(",") if isinstance(kinds, str) else kinds  # 'fever,gcs' or ('fever', 'gcs')
+    kinds = tuple(dict.fromkeys(k.strip() for k in parts if k.strip()))  # in order, each once
     bad = [k for k in kinds if k not in CLINICAL_KINDS]
     if bad or not kinds:
         what = f"unknown clinical kind(s) {bad}" if bad else "no clinical kind given"
@@ -720,11 +721,9 @@ def reasoning(
     of 240 traces, held out: fever alone 93 %, lab ranges alone 15 %, the six kinds mixed 23 %, at chance (pilots of
     2026-12-04; run/demo.sh uses fever)."""
     flags = dict(locals())
-    parts = kinds.split(",") if isinstance(kinds, str) else kinds
-    chosen = tuple(dict.fromkeys(k.strip() for k in parts if k.strip()))  # in order, each once
     rng = random.Random(seed)
-    train = clinical_items(rng, n_train, "train", kinds=chosen)
-    held = clinical_items(rng, n_eval, "held_out", start_index=n_train, kinds=chosen)
+    train = clinical_items(rng, n_train, "train", kinds=kinds)
+    held = clinical_items(rng, n_eval, "held_out", start_index=n_train, kinds=kinds)
     image = sample_image_items(rng, n_images)
     n_ie = n_images // 5
     write_set(list(enumerate(train)), os.path.join(out, "train"), flags, "computable clinical MCQs (train)")

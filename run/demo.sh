@@ -4,9 +4,9 @@
 # held-out items -> SFT on the worked traces -> GRPO with the recipe's strict reward -> evaluate SFT and SFT+GRPO on
 # the same held-out items -> the table and two paired bootstraps (base -> SFT+GRPO, SFT -> SFT+GRPO).
 # The held-out items use patients that training never shows (temperatures from the same bands), so a gain in accuracy
-# there is a skill carried over, not a fact remembered: measured 12.5 % (base) -> 93.3 % (SFT) -> 96.7 % (SFT+GRPO), chance 22.5 %
-# (README, "What the demo shows"). On a GPU the same scripts run the real thing. Each run starts afresh: it deletes its own folders in $OUT (outputs/demo; 3.8 GB when done, most of
-# it the resumable checkpoints) and rewrites $DATA (seeded, so the same bytes).
+# there is a skill carried over, not a fact remembered: measured 12.5 % (base) -> 93.3 % (SFT) -> 96.7 % (SFT+GRPO),
+# chance 22.5 % (README, "What the demo shows"). On a GPU the same scripts run the real thing. Each run starts afresh:
+# it deletes its own folders in $OUT (outputs/demo; 3.8 GB when done, most of it the resumable checkpoints) and rewrites $DATA (seeded, so the same bytes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-}
