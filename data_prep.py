@@ -427,24 +427,30 @@ def _digits(t: int, thr: int) -> str:
 
 
 def _fever_pair(rng, vocab, k, firsts):
-    """Two MCQs on one temperature chart of k readings in time order, each stating another fever threshold, so that
-    the first reading at or above it, the answer, sits at place firsts[0] in one and firsts[1] in the other (two
-    different places). Any rule that ignores the stated threshold gives both the same answer, so it is right on at
-    most one of the two: at most 50 % on a set of such pairs. The thresholds are two of the part's
-    (fever_thresholds), and every temperature lies on the part's half of the tenths, a checkerboard (degrees + tenth
-    even in the train part, e.g. 37.1 and 38.0; odd held out, e.g. 37.0 and 38.1): no held-out temperature or threshold
-    appears in training, while the train part still compares every tenth digit with every other. Readings lie
-    within 0.8 C of a threshold. Returns two (question, option texts, index of the answer, the working, a note per
-    option text)."""
+    """Two MCQs on one temperature chart of k readings in time order, each stating a different fever threshold, so
+    that the first reading at or above it, the answer, sits at place firsts[0] in the first and firsts[1] in the
+    second (two different places). Any rule that ignores the stated threshold gives both the same answer, so it is
+    right on at most one of the two: at most 50 % on a set of such pairs. The thresholds are two of the part's
+    (fever_thresholds) at least 0.4 C apart, and every temperature lies on the part's half of the tenths, a
+    checkerboard (degrees + tenth even in the train part, e.g. 37.1 and 38.0; odd held out, e.g. 37.0 and 38.1): no
+    held-out temperature or threshold appears in training, and every digit comparison the held-out part needs does.
+    Rules that use the threshold only in part stay near 50 % too: the answer's reading equals the threshold one time in
+    five, readings between the two answers lie at or above the lower threshold and below the higher one, all within
+    0.6 C below and 0.8 C above a threshold. Returns a list of two (question, option texts, index of the answer, the
+    working, a note per option text)."""
     who = rng.choice(vocab["patients"])
-    lo, hi = sorted(round(10 * t) for t in rng.sample(vocab["fever_thresholds"], 2))  # in tenths of a degree
+    pairs = [(a, b) for a in vocab["fever_thresholds"] for b in vocab["fever_thresholds"] if b - a > 0.35]
+    lo, hi = (round(10 * t) for t in rng.choice(pairs))  # in tenths of a degree, at least 0.4 apart
     grid = [g for g in range(350, 410) if (g // 10 + g % 10) % 2 == vocab["fever_parity"]]
     def near(a, b):  # a reading from a to b tenths, both included
         return rng.choice([g for g in grid if a <= g <= b])
+    def cross(thr, top):  # the answer's reading: above thr up to top; thr itself one time in five, or if no room
+        above = [g for g in grid if thr < g <= top]
+        return rng.choice(above) if above and rng.random() >= 0.2 else thr
     early, late = sorted(firsts)
-    temps = ([near(lo - 8, lo - 1) for _ in range(early)] + [near(lo, min(lo + 4, hi - 1))] +
-             [near(hi - 8, hi - 1) for _ in range(late - early - 1)] + [near(hi, hi + 4)] +
-             [near(hi - 6, hi + 8) for _ in range(k - late - 1)])
+    temps = ([near(lo - 6, lo - 1) for _ in range(early)] + [cross(lo, min(lo + 6, hi - 1))] +
+             [near(lo, hi - 1) for _ in range(late - early - 1)] + [cross(hi, hi + 6)] +
+             [near(hi - 4, hi + 8) for _ in range(k - late - 1)])
     start, step = rng.randrange(24), rng.choice([1, 2, 4])
     times = [f"{(start + step * j) % 24:02d}:00" for j in range(k)]
     chart = ", ".join(f"{h} {t / 10:.1f} C" for h, t in zip(times, temps))
@@ -547,14 +553,18 @@ def clinical_items(rng: random.Random, n: int, part: str, start_index: int = 0,
         kind = kinds[i % len(kinds)]
         if kind == "fever":  # the options are the chart's times, in time order: the answer's place is drawn with it
             if k not in second:
-                w = wants[k]  # the two places left most often (then latest in the shuffled list): never stuck
+                w, paired = wants[k], i + len(kinds) < n  # the pair's second item is the next round's fever item
+                # the two places left most often (then latest in the shuffled list), so a pair always finds two
                 top = sorted(set(w), key=lambda v: (w.count(v), max(j for j, x in enumerate(w) if x == v)))[-2:]
+                top = top if paired else top[-1:]  # a last, unpaired item takes one place: n's remainder
                 for v in top:
                     del w[max(j for j, x in enumerate(w) if x == v)]
-                places = top if len(top) == 2 else top + [(top[0] + 1) % k]  # only one place left: n's remainder
-                rng.shuffle(places)
+                places = top + [(top[-1] + 1) % k] if len(top) == 1 else top  # a second place for its chart
+                if paired:
+                    rng.shuffle(places)
                 pair = _fever_pair(rng, vocab, k, places)
-                second[k] = pair[1]
+                if paired:
+                    second[k] = pair[1]
                 q, texts, pos, working, notes = pair[0]
             else:
                 q, texts, pos, working, notes = second.pop(k)
@@ -753,7 +763,7 @@ def reasoning(
     out: str = "data/reasoning",  # writes out/{train,eval,image,image_eval}
     seed: int = 0,  # values, names, option order and drawn images
     n_train: int = 240,  # computable text MCQs to train on (the kinds in turn)
-    n_eval: int = 120,  # held-out ones: other analytes, patients, drugs, units, GCS combinations, temperatures
+    n_eval: int = 120,  # held-out ones: other analytes, patients, drugs, units, GCS triples, fever values
     n_images: int = 40,  # drawn-image MCQs whose answer follows from the picture (VL path; 80 % train)
     kinds: str = ",".join(CLINICAL_KINDS),  # comma-separated subset of abnormal,fever,gcs,bmi,dose,convert
 ):
@@ -764,9 +774,9 @@ def reasoning(
     temperature with the train part (CLINICAL_VOCAB); the BMI values come from the same bands in both parts. Fever
     items come in pairs that only the stated threshold tells apart, so a rule that ignores it scores at most 50 % on
     them. `kinds` (a comma-separated string or a sequence) picks which of them; ValueError for an unknown one. On
-    SmolLM2-135M with one epoch of 240 traces, held out: fever alone 77.5 %, 86.7 % after 4 GRPO steps (run/demo.sh,
-    2026-12-06); with the earlier fever kind (one threshold for all), lab ranges alone 15 % and the six kinds mixed 23 %,
-    at chance (pilots of 2026-12-04)."""
+    SmolLM2-135M with one epoch of 240 traces, held out: fever alone 82.5 %, 80.8 % after 4 GRPO steps (run/demo.sh,
+    2026-12-06); with the earlier fever kind (one threshold for all), lab ranges alone 15 % and the six kinds mixed
+    23 %, at chance (pilots of 2026-12-04)."""
     flags = dict(locals())
     rng = random.Random(seed)
     train = clinical_items(rng, n_train, "train", kinds=kinds)

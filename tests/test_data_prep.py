@@ -5,6 +5,7 @@
 import csv
 import json
 import os
+import random
 from collections import Counter
 
 import pytest
@@ -129,9 +130,25 @@ def test_reasoning_set_is_computable_balanced_and_held_out(tmp_path):
     for r in fever:
         charts.setdefault(r["question"].split(". On this ward")[0], []).append(r["answer"])
     assert len(charts) == 60 and all(len(set(a)) == 2 for a in charts.values()), charts
-    band = [next((h for h, t in re.findall(r"(\d\d:00) ([0-9.]+) C", r["question"]) if float(t) >= 38.0), None)
-            for r in fever]
-    assert sum(b == r["answer"] for b, r in zip(band, fever)) <= 0.5 * len(fever)
+    # rules that use the threshold only in part stay near that bound too (run/demo.sh's test asserts the trained
+    # model's CI lies above 60 %): the reading equal to it, else a 38.0 C band; the reading closest to it; the first
+    # reading whose degrees reach its degrees; and, threshold-blind, the 38.0 C band and the highest reading
+    def first(chart, ok):
+        return next((h for h, t in chart if ok(t)), None)
+    rules = {"equal, else band": lambda c, x: first(c, lambda t: t == x) or first(c, lambda t: t >= 38.0),
+             "closest": lambda c, x: min(c, key=lambda ht: abs(ht[1] - x))[0],
+             "degrees": lambda c, x: first(c, lambda t: int(t) >= int(x)),
+             "band 38.0": lambda c, x: first(c, lambda t: t >= 38.0),
+             "highest": lambda c, x: max(c, key=lambda ht: ht[1])[0]}
+    items = [([(h, float(t)) for h, t in re.findall(r"(\d\d:00) ([0-9.]+) C", r["question"])],
+              float(re.findall(r"of ([0-9.]+) C or higher", r["question"])[0]), r["answer"]) for r in fever]
+    score = {name: sum(rule(c, x) == a for c, x, a in items) / len(items) for name, rule in rules.items()}
+    assert max(score.values()) <= 0.6 and score["band 38.0"] <= 0.5 and score["highest"] <= 0.5, score
+    for n, kinds in [(1, "fever"), (3, "fever"), (7, "fever,gcs"), (61, "gcs,fever"), (6, dp.CLINICAL_KINDS)]:
+        rows = dp.clinical_items(random.Random(1), n, "held_out", kinds=kinds)  # pairs cut by n: one left unpaired
+        letters = Counter((len(r["options"]), r["answer_label"]) for r in rows)
+        assert len(rows) == n and all(max(letters[(k, chr(65 + j))] for j in range(k)) -
+                                      min(letters[(k, chr(65 + j))] for j in range(k)) <= 1 for k in (4, 5)), letters
     with pytest.raises(ValueError, match="unknown clinical kind.*fevr.*the kinds are abnormal, fever"):
         dp.reasoning(out=str(tmp_path / "x"), kinds="fever,fevr")
     assert not (tmp_path / "x").exists()  # refused before anything is written

@@ -374,16 +374,17 @@ def test_two_ranks_run_and_validate(tmp_path, tiny_vl, toy_images, vqa_rad_eval)
 @pytest.mark.slow
 def test_smollm2_sft_then_grpo_learns(tmp_path, smollm2):
     """Issue 19: the demo itself (run/demo.sh), on the real SmolLM2-135M-Instruct: base -> SFT on the worked traces of
-    the computable clinical MCQs (data_prep.py reasoning, the first reading of a temperature chart at or above a
-    stated fever threshold) -> GRPO with the recipe's strict reward, each evaluated greedily on the 120 held-out
-    items, whose patients, thresholds and temperatures training never shows. Two claims, each by a bootstrap over the
-    items: the gain base -> SFT+GRPO is real (paired, its 95 % CI lies above 0), and the model reads the stated
-    threshold (the SFT+GRPO accuracy's 95 % CI lies above 50 %: the held-out items come in pairs on one chart whose
-    thresholds give two answers, so any rule that ignores the threshold, such as one fever band learnt for all,
-    scores at most 50 %; chance is 22.5 %). The bootstrap covers which items were drawn, not the training's own
-    randomness (GRPO samples at T=1) nor the engine and dtype the machine picks; measured on machine B (vLLM-CPU,
-    bf16) in the README. GRPO must have updated the model and kept the format; its own effect over SFT is printed
-    and written, not asserted."""
+    the computable clinical MCQs (data_prep.py reasoning, the first reading of a temperature chart at or above a stated
+    fever threshold) -> GRPO with the recipe's strict reward, each evaluated greedily on the 120 held-out items, whose
+    patients, thresholds and temperatures training never shows. Two claims, each by a bootstrap over the items: the gain
+    base -> SFT+GRPO is real (paired, its 95 % CI lies above 0), and the model reads the stated threshold (the SFT+GRPO
+    accuracy's 95 % CI lies above 60 %: the held-out items come in pairs on one chart whose thresholds give two answers,
+    so any rule that ignores the threshold, such as one fever band learnt for all, scores at most 50 %, and rules that
+    use it only in part, such as the reading closest to it, at most 60 %, by
+    test_reasoning_set_is_computable_balanced_and_held_out; chance is 22.5 %). The bootstrap covers which items were
+    drawn, not the training's own randomness (GRPO samples at T=1) nor the engine and dtype the machine picks; measured
+    on machine B (vLLM-CPU, bf16) in the README. GRPO must have updated the model and kept the format; its own effect
+    over SFT is printed and written, not asserted."""
     import signal
 
     out, data = tmp_path / "demo", tmp_path / "data"
@@ -411,7 +412,7 @@ def test_smollm2_sft_then_grpo_learns(tmp_path, smollm2):
     assert len(set(weights.values())) == 3, weights  # GRPO changed the weights
     fmt = {k: min(r["format_rate"] for r in s["benchmarks"].values()) for k, s in summary.items()}
     assert fmt["sft_grpo"] >= 80 and fmt["base"] <= 10, fmt  # the strict format, learnt and kept
-    assert summary["sft_grpo"]["avg_ci95"][0] > 50, summary["sft_grpo"]["avg_ci95"]  # reads the stated threshold
+    assert summary["sft_grpo"]["avg_ci95"][0] > 60, summary["sft_grpo"]["avg_ci95"]  # reads the stated threshold
 
 
 def test_vllm_engine_on_gpu(tiny_vl_vllm):
