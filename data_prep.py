@@ -432,8 +432,9 @@ def _fever_pair(rng, vocab, k, firsts):
     second (two different places). Any rule that ignores the stated threshold gives both the same answer, so it is
     right on at most one of the two: at most 50 % on a set of such pairs. The thresholds are two of the part's
     (fever_thresholds) at least 0.4 C apart, and every temperature lies on the part's half of the tenths, a
-    checkerboard (degrees + tenth even in the train part, e.g. 37.1 and 38.0; odd held out, e.g. 37.0 and 38.1): no
-    held-out temperature or threshold appears in training, and every digit comparison the held-out part needs does.
+    checkerboard (degrees + tenth even in the train part, e.g. 37.5 and 38.0; odd held out, e.g. 37.6 and 38.1): no
+    held-out temperature or threshold appears in training, while nearly every digit comparison the held-out part
+    needs does (31 of 32 in the default set).
     Rules that use the threshold only in part stay near 50 % too: the answer's reading equals the threshold one time in
     five, readings between the two answers lie at or above the lower threshold and below the higher one, all within
     0.6 C below and 0.8 C above a threshold. Returns a list of two (question, option texts, index of the answer, the
@@ -526,12 +527,12 @@ def _convert(rng, vocab, k):
 
 def clinical_items(rng: random.Random, n: int, part: str, start_index: int = 0,
                    kinds: str | tuple[str, ...] = CLINICAL_KINDS) -> list:
-    """`n` computable clinical MCQs from the `part` ('train' | 'held_out') of CLINICAL_VOCAB, the `kinds` (a subset
-    of CLINICAL_KINDS) in turn. Each item has a short worked trace: the working, the options in the order shown with
-    their checks up to the one that fits, and `The answer is {letter}.` Two rounds of the kinds have 4 options, the
-    next two 5, and so on; the answer sits at each letter equally often per option count (up to n's remainder), the
-    other options in a seeded random order. Fever items come in pairs, one round apart (_fever_pair): one chart, two
-    thresholds, two answers; their options are the chart's times in time order."""
+    """`n` computable clinical MCQs from the `part` ('train' | 'held_out') of CLINICAL_VOCAB, the `kinds` (a subset of
+    CLINICAL_KINDS) in turn. Each item has a short worked trace: the working, the options in the order shown with their
+    checks up to the one that fits, and `The answer is {letter}.` Two rounds of the kinds have 4 options, the next two
+    5, and so on; the answer sits at each letter equally often per option count, within each kind and over all (up to
+    n's remainder), the other options in a seeded random order. Fever items come in pairs, one round apart
+    (_fever_pair): one chart, two thresholds, two answers; their options are the chart's times in time order."""
     with open(CLINICAL_VOCAB, encoding="utf-8") as f:
         raw = json.load(f)
     vocab = {k: (v[part] if isinstance(v, dict) and part in v else v) for k, v in raw.items()}
@@ -545,15 +546,19 @@ def clinical_items(rng: random.Random, n: int, part: str, start_index: int = 0,
         what = f"unknown clinical kind(s) {bad}" if bad else "no clinical kind given"
         raise ValueError(f"{what}; the kinds are {', '.join(CLINICAL_KINDS)}")
     ks = [4 + (i // (2 * len(kinds))) % 2 for i in range(n)]  # two rounds of 4 options, two of 5, ...
-    wants = {k: [j % k for j in range(ks.count(k))] for k in (4, 5)}  # each letter equally often per option count,
-    for w in wants.values():  # in a seeded order (a fixed cycle would tie letters to kinds)
-        rng.shuffle(w)
+    count = Counter((kinds[i % len(kinds)], k) for i, k in enumerate(ks))
+    wants, start = {}, {4: 0, 5: 0}  # the answer's places per kind and option count: one cycle of the letters runs
+    for kind in kinds:  # on through the kinds, so each letter comes equally often per option count within a kind
+        for k in (4, 5):  # and over all (up to n's remainder), in a seeded order
+            wants[kind, k] = [(start[k] + j) % k for j in range(count[kind, k])]
+            start[k] += count[kind, k]
+            rng.shuffle(wants[kind, k])
     out, second = [], {}  # fever: the pair's second item (same chart, other threshold), for the next round's item
     for i, k in enumerate(ks):
         kind = kinds[i % len(kinds)]
         if kind == "fever":  # the options are the chart's times, in time order: the answer's place is drawn with it
             if k not in second:
-                w, paired = wants[k], i + len(kinds) < n  # the pair's second item is the next round's fever item
+                w, paired = wants[kind, k], i + len(kinds) < n  # the pair's second item: the next round's fever item
                 # the two places left most often (then latest in the shuffled list), so a pair always finds two
                 top = sorted(set(w), key=lambda v: (w.count(v), max(j for j, x in enumerate(w) if x == v)))[-2:]
                 top = top if paired else top[-1:]  # a last, unpaired item takes one place: n's remainder
@@ -569,7 +574,7 @@ def clinical_items(rng: random.Random, n: int, part: str, start_index: int = 0,
             else:
                 q, texts, pos, working, notes = second.pop(k)
         else:
-            want = wants[k].pop()
+            want = wants[kind, k].pop()
             make = {"abnormal": _abnormal, "bmi": _bmi, "dose": _dose, "convert": _convert}.get(kind)
             q, texts, pos, working, notes = make(rng, vocab, k) if make else _gcs(rng, vocab, k, triples)
             answer, rest = texts[pos], texts[:pos] + texts[pos + 1:]
@@ -774,7 +779,7 @@ def reasoning(
     temperature with the train part (CLINICAL_VOCAB); the BMI values come from the same bands in both parts. Fever
     items come in pairs that only the stated threshold tells apart, so a rule that ignores it scores at most 50 % on
     them. `kinds` (a comma-separated string or a sequence) picks which of them; ValueError for an unknown one. On
-    SmolLM2-135M with one epoch of 240 traces, held out: fever alone 82.5 %, 80.8 % after 4 GRPO steps (run/demo.sh,
+    SmolLM2-135M with one epoch of 240 traces, held out: fever alone 77.5 %, 80.8 % after 4 GRPO steps (run/demo.sh,
     2026-12-06); with the earlier fever kind (one threshold for all), lab ranges alone 15 % and the six kinds mixed
     23 %, at chance (pilots of 2026-12-04)."""
     flags = dict(locals())

@@ -44,10 +44,12 @@ def compute_mfu(flops: float, seconds: float, peak: float | None, world_size: in
 
 
 def git_sha() -> str:
+    """The checkout's commit, short, with '-dirty' when tracked files differ from it (a run's results then came from
+    code no commit holds); 'unknown' outside a git checkout."""
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=here, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -81,6 +81,10 @@ def test_reasoning_set_is_computable_balanced_and_held_out(tmp_path):
             assert not s & (set(map(str, f)) if not isinstance(f, set) else f), (r["question"], s & set(map(str, f)))
     by_k = Counter((len(json.loads(r["options"])), r["answer_label"]) for r in held)
     assert by_k == {**{(4, L): 15 for L in "ABCD"}, **{(5, L): 12 for L in "ABCDE"}}, by_k
+    for kind in dp.CLINICAL_KINDS:  # and within each kind, up to one
+        per = Counter((len(json.loads(r["options"])), r["answer_label"])
+                      for r in held if r["dataset_name"] == f"clinical_{kind}")
+        assert all(max(per[k, L] for L in "ABCDE"[:k]) - min(per[k, L] for L in "ABCDE"[:k]) <= 1 for k in (4, 5)), per
     for r in list(train) + list(held):
         opts, kind = json.loads(r["options"]), r["dataset_name"].removeprefix("clinical_")
         assert opts[r["answer_label"]] == r["answer"] and len(set(opts.values())) == len(opts), r
