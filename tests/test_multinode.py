@@ -10,6 +10,7 @@ both nodes write one local folder) and GPUs (nccl). run/*.sbatch starts the same
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,23 +27,43 @@ pytestmark = pytest.mark.slow
 # torchrun sets OMP_NUM_THREADS=1 only when it starts several processes per node, so one process per node would run
 # with both cores: another thread count may round CPU matmuls differently (it changed SmolLM2's samples in
 # test_grpo.py; these tiny runs measured equal either way). Same threads, same numbers; also kinder to 2 shared cores.
+# LOGLEVEL=INFO: the agents log rendezvous, worker states and the exit barrier, so a failed trial's logs say why;
+# PYTHONFAULTHANDLER: a crash, or the SIGABRT fail_with_stacks sends, prints the Python stacks of every thread.
 ENV = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "LOGLEVEL": "INFO",
+       "PYTHONFAULTHANDLER": "1"}
 KEYS = {"sft": ["loss", "grad_norm", "lr", "loss_tokens"], "grpo": ["reward", "pg_loss", "kl", "grad_norm", "len_mean"]}
 # a checkpoint after every step, so one exists to resume from; a short collective timeout, so a lost node ends the job
 COMMON = ["--max_steps", "2", "--save_every", "1", "--timeout_s", "60"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous_port() -> int:
+    """A free port below the kernel's ephemeral range, for node 0's c10d store.
+
+    Node 0 binds it a second or two after this check, while node 1 may already be trying to connect to it. A port
+    from the ephemeral range (what bind(("", 0)) returns) can meanwhile be handed out as the source port of some
+    connection, node 1's own attempt included (a TCP self-connect, after which node 1 talks to itself); no outgoing
+    connection ever gets a port below the range."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    ports = range(max(1024, low - 8000), low)
+    for port in random.Random().sample(ports, min(200, len(ports))):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{ports.start}, {ports.stop}) for the rendezvous")
 
 
 def start_nodes(argv: list, logs, tag: str) -> list:
     """Start one torchrun agent per simulated node, each in its own session (so a node can be killed as a whole).
     Node 0 hosts the c10d store, as the first node of a SLURM job does (its hostname is the endpoint's)."""
-    port, procs = _free_port(), []
+    port, procs = _rendezvous_port(), []
     for node in (0, 1):
         cmd = [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_conf",
@@ -72,32 +93,66 @@ def _tree(pid: int) -> list:
     return out
 
 
-def kill_node(proc) -> None:
-    """SIGKILL a node: the agent's process group and the group of every process below it, all at once."""
-    if proc.poll() is not None:  # ended (and reaped): its pid may belong to someone else by now
-        return
+def _groups(proc) -> set:
+    """The process groups of `proc` and every process below it (empty once it ended and was reaped: its pid may
+    belong to someone else by now)."""
+    if proc.poll() is not None:
+        return set()
     groups = set()
     for pid in _tree(proc.pid):
         try:
             groups.add(os.getpgid(pid))
         except ProcessLookupError:
             pass
+    return groups
+
+
+def _signal(groups, sig) -> None:
     for g in groups:
         try:
-            os.killpg(g, signal.SIGKILL)
+            os.killpg(g, sig)
         except ProcessLookupError:
             pass
+
+
+def kill_node(proc) -> None:
+    """SIGKILL a node: the agent's process group and the group of every process below it, all at once."""
+    _signal(_groups(proc), signal.SIGKILL)
     proc.wait()
 
 
 def _log(logs, tag, node) -> str:
-    return (logs / f"{tag}-node{node}.log").read_text()[-3000:]
+    return (logs / f"{tag}-node{node}.log").read_text()[-8000:]
+
+
+def fail_with_stacks(procs, logs, tag, why) -> None:
+    """Raise AssertionError with `why`, each node's state and its log's tail, after SIGABRT made every process of a
+    still running node print its Python threads' stacks there (PYTHONFAULTHANDLER, set in ENV): where it hung."""
+    groups = {n: _groups(p) for n, p in enumerate(procs)}
+    state = ", ".join(f"node {n} " + ("running" if p.poll() is None else f"exited {p.returncode}")
+                      for n, p in enumerate(procs))
+    for n in groups:
+        _signal(groups[n], signal.SIGABRT)
+    time.sleep(3)  # the dumps reach the logs
+    for n, p in enumerate(procs):
+        _signal(groups[n], signal.SIGKILL)
+        p.wait()
+    raise AssertionError(f"{tag}: {why} ({state}):\n" + "\n".join(
+        f"--- node {n} ---\n{_log(logs, tag, n)}" for n in range(len(procs))))
 
 
 def wait_nodes(procs, logs, tag, timeout=300) -> None:
+    """Wait for both nodes to exit 0. A node that exits non-zero fails the test at once, and so does a timeout, with
+    both nodes' logs (and the stacks of what still ran): with c10d, an agent whose workers finished waits up to
+    300 s in torchrun's exit barrier for the other agent, so a failure on one node can look like a hang on the
+    other."""
     deadline = time.time() + timeout
+    while any(p.poll() is None for p in procs):
+        failed = [n for n, p in enumerate(procs) if p.poll() not in (None, 0)]
+        if failed or time.time() > deadline:
+            fail_with_stacks(procs, logs, tag, f"node {failed[0]} failed" if failed else f"not done after {timeout} s")
+        time.sleep(0.1)
     for node, p in enumerate(procs):
-        p.wait(timeout=max(1, deadline - time.time()))
         assert p.returncode == 0, f"{tag} node {node} exited {p.returncode}:\n{_log(logs, tag, node)}"
 
 
@@ -167,7 +222,10 @@ def test_killed_node_fails_the_job_and_resume_auto_equals_one_node(runs, stage):
         kill_node(procs[1])
         t = time.time()
         # the survivor must fail, not hang: gloo sees the closed connection, --timeout_s 60 bounds the rest
-        rc = procs[0].wait(timeout=180)
+        try:
+            rc = procs[0].wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            fail_with_stacks(procs, work, tag, "node 0 still runs 180 s after node 1 was killed")
         seconds = time.time() - t
         assert rc != 0, f"node 0 finished the run before node 1 was killed:\n{_log(work, tag, 0)}"
         print(f"{stage}: node 0 failed {seconds:.1f} s after node 1 was killed (exit {rc})")
