@@ -11,10 +11,12 @@ both nodes write one local folder) and GPUs (nccl). run/*.sbatch starts the same
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
 import time
+from typing import NoReturn
 
 import pytest
 
@@ -38,39 +40,46 @@ COMMON = ["--max_steps", "2", "--save_every", "1", "--timeout_s", "60"]
 
 
 def _rendezvous_port() -> int:
-    """A free port below the kernel's ephemeral range, for node 0's c10d store.
+    """A free port outside the kernel's ephemeral range (below it, under 30000, or above it), for node 0's c10d store.
 
-    Node 0 binds it a second or two after this check, while node 1 may already be trying to connect to it. A port
-    from the ephemeral range (what bind(("", 0)) returns) can meanwhile be handed out as the source port of some
-    connection, node 1's own attempt included (a TCP self-connect, after which node 1 talks to itself); no outgoing
-    connection ever gets a port below the range."""
+    Node 0 binds it seconds after this check, while node 1 may already be trying to connect to it (its client retries
+    for 60 s). A port from the ephemeral range (what bind(("", 0)) returns) can meanwhile be handed out as the source
+    port of some connection, node 1's own attempt included (a TCP self-connect, after which node 1 talks to itself);
+    no outgoing connection gets a port outside the range. Under 30000: Kubernetes' NodePorts (30000-32767) may be
+    redirected on a node's loopback. A range that leaves no room falls back to bind(0)."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768  # Linux's default
-    ports = range(max(1024, low - 8000), low)
-    for port in random.Random().sample(ports, min(200, len(ports))):
+            low, high = (int(x) for x in f.read().split()[:2])
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    ports = [*range(max(1024, low - 8000), min(low, 30000)), *range(high + 1, 65536)]
+    for port in random.Random().sample(ports, min(200, len(ports))) + [0]:
         with socket.socket() as s:
             try:
                 s.bind(("", port))
             except OSError:
                 continue
-            return port
-    raise RuntimeError(f"no free port in [{ports.start}, {ports.stop}) for the rendezvous")
+            return s.getsockname()[1]
+    raise RuntimeError("no free port for the rendezvous")
 
 
 def start_nodes(argv: list, logs, tag: str) -> list:
     """Start one torchrun agent per simulated node, each in its own session (so a node can be killed as a whole).
-    Node 0 hosts the c10d store, as the first node of a SLURM job does (its hostname is the endpoint's)."""
+    Node 0 hosts the c10d store, as the first node of a SLURM job does (its hostname is the endpoint's). The nodes
+    write no core files (fail_with_stacks aborts them; cwd is the checkout)."""
     port, procs = _rendezvous_port(), []
-    for node in (0, 1):
-        cmd = [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
-               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_conf",
-               f"is_host={int(node == 0)}", *argv]
-        with open(logs / f"{tag}-node{node}.log", "w") as log:
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+    core = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, core[1]))  # inherited at fork; ours restored below
+    try:
+        for node in (0, 1):
+            cmd = [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node",
+                   "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_conf",
+                   f"is_host={int(node == 0)}", *argv]
+            with open(logs / f"{tag}-node{node}.log", "w") as log:
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, core)
     return procs
 
 
@@ -111,7 +120,7 @@ def _signal(groups, sig) -> None:
     for g in groups:
         try:
             os.killpg(g, sig)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):  # gone, or its id reused by someone else's process
             pass
 
 
@@ -122,18 +131,21 @@ def kill_node(proc) -> None:
 
 
 def _log(logs, tag, node) -> str:
-    return (logs / f"{tag}-node{node}.log").read_text()[-8000:]
+    return (logs / f"{tag}-node{node}.log").read_text(errors="replace")[-8000:]
 
 
-def fail_with_stacks(procs, logs, tag, why) -> None:
+def fail_with_stacks(procs, logs, tag, why, seen=None) -> NoReturn:
     """Raise AssertionError with `why`, each node's state and its log's tail, after SIGABRT made every process of a
-    still running node print its Python threads' stacks there (PYTHONFAULTHANDLER, set in ENV): where it hung."""
-    groups = {n: _groups(p) for n, p in enumerate(procs)}
+    still running node print its Python threads' stacks there (PYTHONFAULTHANDLER, set in ENV): where it hung.
+    `seen`: {node: process groups} snapshots taken while waiting, so workers whose agent already ended are reached."""
     state = ", ".join(f"node {n} " + ("running" if p.poll() is None else f"exited {p.returncode}")
                       for n, p in enumerate(procs))
-    for n in groups:
-        _signal(groups[n], signal.SIGABRT)
-    time.sleep(3)  # the dumps reach the logs
+    # not a reaped agent's own group id (free for reuse); its workers' were seen running at most a second ago
+    groups = {n: _groups(p) | ((seen or {}).get(n, set()) - {p.pid}) for n, p in enumerate(procs)}
+    for agents in (False, True):  # workers first, agents after: one process at a time writes into a node's log
+        for n, p in enumerate(procs):
+            _signal({g for g in groups[n] if (g == p.pid) == agents}, signal.SIGABRT)
+        time.sleep(2)  # the dumps reach the logs (an agent may instead report its aborted worker, and exit)
     for n, p in enumerate(procs):
         _signal(groups[n], signal.SIGKILL)
         p.wait()
@@ -143,14 +155,18 @@ def fail_with_stacks(procs, logs, tag, why) -> None:
 
 def wait_nodes(procs, logs, tag, timeout=300) -> None:
     """Wait for both nodes to exit 0. A node that exits non-zero fails the test at once, and so does a timeout, with
-    both nodes' logs (and the stacks of what still ran): with c10d, an agent whose workers finished waits up to
-    300 s in torchrun's exit barrier for the other agent, so a failure on one node can look like a hang on the
-    other."""
-    deadline = time.time() + timeout
+    both nodes' logs (and the stacks of what still ran): an agent whose workers finished waits up to 300 s in
+    torchrun's exit barrier for the other agents, so a failure on one node can look like a hang on the other."""
+    deadline, seen, looked = time.time() + timeout, {n: set() for n in range(len(procs))}, 0.0
     while any(p.poll() is None for p in procs):
+        if time.time() - looked > 1:  # the processes below each agent, while it still runs to be asked
+            looked = time.time()
+            for n, p in enumerate(procs):
+                seen[n] |= _groups(p)
         failed = [n for n, p in enumerate(procs) if p.poll() not in (None, 0)]
         if failed or time.time() > deadline:
-            fail_with_stacks(procs, logs, tag, f"node {failed[0]} failed" if failed else f"not done after {timeout} s")
+            fail_with_stacks(procs, logs, tag, f"node {failed[0]} failed" if failed else f"not done after {timeout} s",
+                             seen)
         time.sleep(0.1)
     for node, p in enumerate(procs):
         assert p.returncode == 0, f"{tag} node {node} exited {p.returncode}:\n{_log(logs, tag, node)}"
