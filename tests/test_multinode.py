@@ -78,6 +78,10 @@ def start_nodes(argv: list, logs, tag: str) -> list:
             with open(logs / f"{tag}-node{node}.log", "w") as log:
                 procs.append(subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
                                               start_new_session=True))
+    except BaseException:  # node 1 did not start: stop node 0, which no caller would hold
+        for p in procs:
+            kill_node(p)
+        raise
     finally:
         resource.setrlimit(resource.RLIMIT_CORE, core)
     return procs
@@ -131,7 +135,8 @@ def kill_node(proc) -> None:
 
 
 def _log(logs, tag, node) -> str:
-    return (logs / f"{tag}-node{node}.log").read_text(errors="replace")[-8000:]
+    path = logs / f"{tag}-node{node}.log"
+    return f"({path}, its last 20000 characters)\n" + path.read_text(errors="replace")[-20000:]
 
 
 def fail_with_stacks(procs, logs, tag, why, seen=None) -> NoReturn:
